@@ -1,0 +1,1152 @@
+"""mplite: a process pool in one file, whose tasks can't crash it.
+
+    from mplite import TaskManager, Task
+
+    def add(a, b=0):
+        return a + b
+
+    if __name__ == "__main__":
+        with TaskManager() as tm:
+            print(tm.execute([Task(add, i, b=1) for i in range(5)]))   # [1, 2, 3, 4, 5]
+            tm.submit(Task(add, 40, 2))
+            print(tm.take(timeout=None))                                # 42
+
+``execute`` returns results in input order and shows a progress bar on stderr. A task
+that raises, kills its worker or runs past its ``timeout`` gets an error as its result (its
+traceback text, or with ``error_mode="exception"`` the exception raised in the caller); every
+other task still runs, and a dead worker is replaced. ``python -m mplite`` runs a self-test.
+
+Standard library only, Python 3.8+, POSIX (Linux, macOS). MIT licence.
+"""
+import atexit
+import itertools
+import os
+import pickle
+import reprlib
+import signal
+import struct
+import sys
+import threading
+import time
+import traceback
+import types
+import weakref
+from collections import deque
+from math import ceil
+from multiprocessing import get_context, get_all_start_methods
+from multiprocessing.connection import wait
+from multiprocessing.context import BaseContext
+from multiprocessing.reduction import ForkingPickler
+from time import monotonic, perf_counter
+
+__version__ = "2.0.0"
+__all__ = ["Task", "TaskChain", "TaskManager"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+_ids = itertools.count(1)
+_DEFAULT = object()  # "not given": lets execute(timeout=None) mean "no limit for this call"
+
+
+class Task:
+    """A function call to run in a worker: ``Task(f, *args, **kwargs)``."""
+
+    def __init__(self, f, *args, **kwargs):
+        if not callable(f):
+            raise TypeError(f"Task needs a callable as its first argument, not {f!r}")
+        self.f = f
+        self.args = args
+        self.kwargs = kwargs
+        self.id = next(_ids)
+
+    def __repr__(self):
+        return f"Task(f={_name(self.f)}, *{self.args!r}, **{self.kwargs!r})"
+
+    __str__ = __repr__
+
+    def execute(self):
+        """Run the task here, in this process; exceptions propagate. Handy for checking a task."""
+        return self.f(*self.args, **self.kwargs)
+
+
+class TaskChain:
+    """A task whose result decides what runs next, like a promise.
+
+    ``next_task(prev_task, result)`` returns the next ``Task`` or ``TaskChain``, or None to end
+    the chain with ``result``. In ``TaskManager.execute`` the chain's place in the results gets
+    the result of its last task; ``next_task`` runs in the parent, and a chain waiting for its
+    next step blocks nothing else.
+    """
+
+    def __init__(self, task, next_task=None):
+        if not isinstance(task, Task):
+            raise TypeError(f"TaskChain needs a Task, not {type(task).__name__}")
+        if next_task is not None and not callable(next_task):
+            raise TypeError(f"next_task must be callable or None, not {next_task!r}")
+        self.id = task.id
+        self.task = task
+        self.next = next_task
+
+    def __repr__(self):
+        t = self.task
+        return f"TaskChain(f={_name(t.f)}, *{t.args!r}, **{t.kwargs!r}, is_last={self.next is None})"
+
+    __str__ = __repr__
+
+    def execute(self):
+        """Run the whole chain here, in this process, and return the result of its last task."""
+        chain = self
+        while True:
+            result = chain.task.execute()
+            step = _next_step(chain, result)
+            if step is None:
+                return result
+            if isinstance(step, Task):
+                return step.execute()
+            chain = step
+
+
+class TaskManager:
+    """A pool of worker processes that runs Tasks.
+
+    cpu_count: number of workers (default: the CPUs this process may use).
+    context: "spawn" (default), "fork", "forkserver" or a multiprocessing context.
+    worker_init: a Task run once in every worker before it takes work.
+    error_mode: "str" (a failed task's result is its traceback text) or "exception" (the
+        task's exception is raised in the caller, with the worker's traceback).
+    timeout: seconds a task may run, counted from its start in a worker; the worker of a task
+        over its limit is stopped and replaced, and the task's result is a TimeoutError.
+    max_tasks_per_child: replace each worker after this many tasks (for leaky code).
+
+    Use it as a context manager, or call start() and stop(). One thread at a time, please.
+    """
+
+    def __init__(self, cpu_count=None, context="spawn", worker_init=None, error_mode="str",
+                 *, timeout=None, max_tasks_per_child=None):
+        self._ctx = _context(context)
+        self._cpu_count = _positive_int(_usable_cpus() if cpu_count is None else cpu_count, "cpu_count")
+        if worker_init is not None and not isinstance(worker_init, Task):
+            raise TypeError(f"worker_init must be a Task or None, not {type(worker_init).__name__}")
+        if error_mode not in ("str", "exception"):
+            raise ValueError(f"error_mode must be 'str' or 'exception', not {error_mode!r}")
+        self.worker_init = worker_init
+        self.error_mode = error_mode
+        self.timeout = _seconds(timeout, "timeout")
+        self.max_tasks_per_child = (None if max_tasks_per_child is None
+                                    else _positive_int(max_tasks_per_child, "max_tasks_per_child"))
+        self._pool = None
+        self._open = 0  # submitted and not yet taken
+
+    def __repr__(self):
+        state = "running" if self._pool else "stopped"
+        return f"<TaskManager cpu_count={self._cpu_count} {self._ctx.get_start_method()} {state}>"
+
+    @property
+    def cpu_count(self):
+        return self._cpu_count
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+    def start(self):
+        """Start the workers; wait until they are ready (and have run worker_init)."""
+        if self._pool is not None:
+            return
+        pool = _Pool(self._ctx, self._cpu_count, self.worker_init, self.max_tasks_per_child)
+        pool.start()
+        self._pool = pool
+        self._finalizer = weakref.finalize(self, pool.close)  # a manager dropped unstopped
+
+    def stop(self):
+        """Stop the workers; unfinished tasks are dropped. Safe to call twice, or after errors."""
+        self._stop(grace=1.0)
+
+    def _stop(self, grace):
+        pool, self._pool, self._open = self._pool, None, 0
+        if pool is not None:
+            self._finalizer.detach()
+            pool.close(grace)
+
+    def execute(self, tasks, tqdm=None, pbar=None, *, progress=True, timeout=_DEFAULT):
+        """Run tasks (Task or TaskChain) and return their results in input order.
+
+        progress: show a progress bar on stderr. tqdm: a tqdm-compatible class to draw it
+        instead; pbar: an object with update(n) to report to instead.
+        timeout: seconds per task for this call (default: the manager's timeout).
+        """
+        pool = self._running()
+        tasks = _task_list(tasks)
+        timeout = self.timeout if timeout is _DEFAULT else _seconds(timeout, "timeout")
+        if not tasks:
+            return []
+        call = _Call(len(tasks), raise_errors=self.error_mode == "exception")
+        bar = _progress_bar(len(tasks), tqdm, pbar, progress)
+        pool.avg = None  # a new call may bring tasks of another size: measure afresh
+        pool.pending.extend(_Job(item, call, i, timeout) for i, item in enumerate(tasks))
+        try:
+            self._serve(lambda: call.left == 0 or call.cancelled,
+                        progress=None if bar is None else lambda: call.report(bar))
+        finally:
+            if bar is not None and pbar is None:
+                bar.close()
+        if call.failure is not None:
+            pool.cancel(call)
+            raise call.failure.exception()
+        return call.results
+
+    def map(self, f, iterable, *, progress=False, timeout=_DEFAULT):
+        """``execute([Task(f, x) for x in iterable])``: the results of f(x), in order."""
+        return self.execute([Task(f, x) for x in iterable], progress=progress, timeout=timeout)
+
+    def submit(self, task, *, timeout=_DEFAULT):
+        """Queue a Task or TaskChain to run; returns its id. Collect it with take() or as_completed()."""
+        pool = self._running()
+        if not isinstance(task, (Task, TaskChain)):
+            raise TypeError(f"submit takes a Task or TaskChain, not {type(task).__name__}")
+        timeout = self.timeout if timeout is _DEFAULT else _seconds(timeout, "timeout")
+        job = _Job(task, None, task, timeout)
+        job.payload = _pickle_task(job.task)  # fail here, naming the task, if it can't travel
+        pool.pending.append(job)
+        self._open += 1
+        pool.dispatch()
+        return task.id
+
+    def take(self, timeout=0):
+        """One finished result of a submitted task, or None if none is ready.
+
+        timeout=0 returns at once; a number waits up to that many seconds; None waits until a
+        result is ready (or returns None at once when no task is open).
+        """
+        if timeout is not None:
+            timeout = _seconds(timeout, "timeout", zero_ok=True)
+        pool = self._running()
+        if not pool.inbox and self._open:
+            self._serve(lambda: pool.inbox, timeout=timeout)
+        if not pool.inbox:
+            return None
+        return self._unpack(pool.inbox.popleft())[1]
+
+    def as_completed(self, timeout=None):
+        """Yield (task, result) for each submitted task as it finishes, until none is open.
+
+        timeout: seconds for the whole iteration; past it, TimeoutError is raised.
+        """
+        timeout = _seconds(timeout, "timeout")
+        return self._completed(self._running(), timeout)
+
+    def _completed(self, pool, timeout):
+        deadline = None if timeout is None else monotonic() + timeout
+        while self._open:
+            if not pool.inbox:
+                left = None if deadline is None else max(0.0, deadline - monotonic())
+                if not self._serve(lambda: pool.inbox, timeout=left):
+                    raise TimeoutError(f"{self._open} submitted tasks did not finish within {timeout} s")
+            yield self._unpack(pool.inbox.popleft())
+
+    @property
+    def open_tasks(self):
+        """Tasks submitted and not yet taken."""
+        return self._open
+
+    def _running(self):
+        if self._pool is None:
+            raise RuntimeError("the TaskManager is not running: use `with TaskManager() as tm:` or call start()")
+        return self._pool
+
+    def _serve(self, until, timeout=None, progress=None):
+        pool = self._running()
+        try:
+            return pool.serve(until, timeout, progress)
+        except BaseException:
+            # Ctrl-C, or workers that cannot start: stop at once and leave no process behind.
+            self._stop(grace=0)
+            raise
+
+    def _unpack(self, finished):
+        item, ok, value = finished
+        self._open -= 1
+        if ok:
+            return item, value
+        if self.error_mode == "exception":
+            raise value.exception()
+        return item, value.text
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine
+#
+# Every worker has its own Pipe (a socket pair). The parent sends a worker messages, each a
+# pickled list of tasks, and the worker answers with one frame per task, as soon as that task
+# is done, so a worker that dies costs only the task it was running. The parent reads the
+# frames in bulk and sleeps in multiprocessing.connection.wait() on all pipes and process
+# sentinels: a result or a death wakes it at once, and nothing polls.
+#
+# _Worker.jobs, the tasks sent to a worker and not yet answered, in the order the worker runs
+# them, is the one record of which task each worker holds: jobs[0] is the one running.
+# ---------------------------------------------------------------------------------------------
+
+_HEADER = struct.Struct("<Q")  # frame length, both ways; a zero-length message asks a worker to exit
+_DONE, _FAILED, _READY, _INIT_FAILED, _UNREADABLE = range(5)  # what a worker's frame says
+
+_READ_SIZE = 1 << 18
+_BIG_FRAME = 1 << 20  # a frame larger than this is read straight into its own buffer
+# A worker is sent a second message while busy only if it is small: the socket buffer then takes
+# it without blocking. A large message waits for an idle worker, which is reading, never writing:
+# so the parent never blocks sending to a worker that is itself blocked sending a large result.
+_PREFETCH_BYTES = 1 << 16
+# Batch sizing: short tasks travel together, aiming at this much work per message; a task that
+# takes longer travels alone, so load balancing is not lost.
+_BATCH_SECONDS = 0.004
+_MAX_BATCH = 1024
+_BOOT_DEATHS = 50  # workers killed before they were ready, in a row, before we give up
+
+
+def _worker_main(conn, lifeline, lifeline_end, init):
+    """The loop each worker process runs: read a message of tasks, run them, answer each."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which then stops us
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    lifeline_end.close()  # a forked worker inherits the parent's end: ours would hide its death
+    threading.Thread(target=_exit_when_closed, args=(lifeline,), daemon=True).start()
+    fd = conn.fileno()
+    if init is not None:
+        try:
+            init.execute()
+        except BaseException as exc:
+            _send_frame(fd, _dumps((_INIT_FAILED, _describe(exc)[0], 0.0)))
+            return
+    _send_frame(fd, _dumps((_READY, os.getpid(), 0.0)))
+    while True:
+        message = _receive_frame(fd)
+        if not message:  # asked to exit, or the parent is gone
+            return
+        try:
+            batch = pickle.loads(message)
+        except BaseException:
+            _send_frame(fd, _dumps((_UNREADABLE, None, 0.0)))
+            continue
+        for entry in batch:
+            _send_frame(fd, _run(entry))
+
+
+def _run(entry):
+    """Run one task; return its answer frame: the result, or the error."""
+    start = perf_counter()
+    try:
+        f, args, kwargs = pickle.loads(entry) if entry.__class__ is bytes else entry
+        value = f(*args, **kwargs)
+    except BaseException as exc:  # SystemExit too: it ends the task, not the worker
+        return _dumps((_FAILED, _describe(exc), perf_counter() - start))
+    try:
+        return _dumps((_DONE, value, perf_counter() - start))
+    except BaseException as exc:
+        error = TypeError(f"the task's result, a {type(value).__name__}, can't be sent back: {exc}")
+        return _dumps((_FAILED, _describe(error), perf_counter() - start))
+
+
+def _exit_when_closed(lifeline):
+    """Worker thread: the parent holds the only other end, so EOF here means it has died."""
+    try:
+        while True:
+            lifeline.recv_bytes()
+    except (EOFError, OSError):
+        os._exit(1)
+
+
+def _dumps(obj):
+    return pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+
+
+def _send_frame(fd, body):
+    if len(body) < _BIG_FRAME:
+        _write_all(fd, _HEADER.pack(len(body)) + body)
+    else:  # don't copy a large body just to put a header in front
+        _write_all(fd, _HEADER.pack(len(body)))
+        _write_all(fd, body)
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _receive_frame(fd):
+    """A worker's blocking read of one message; None at EOF."""
+    header = _read_exactly(fd, _HEADER.size)
+    return header and _read_exactly(fd, _HEADER.unpack(header)[0])
+
+
+def _read_exactly(fd, n):
+    buf = bytearray(n)
+    view = memoryview(buf)
+    while view:
+        got = os.readv(fd, [view])
+        if not got:
+            return None
+        view = view[got:]
+    return buf
+
+
+class _Job:
+    """A task on its way: where its result goes, and how long it may run."""
+    __slots__ = ("task", "chain", "owner", "slot", "timeout", "payload")
+
+    def __init__(self, item, owner, slot, timeout):
+        self.task, self.chain = (item.task, item) if isinstance(item, TaskChain) else (item, None)
+        self.owner = owner      # the _Call of an execute(), or None for submit()
+        self.slot = slot        # index in the call's results, or the submitted item
+        self.timeout = timeout
+        self.payload = None     # the task, pickled alone, where it must travel that way
+
+
+class _Call:
+    """One execute() call: its results in input order, and how many are still to come."""
+    __slots__ = ("results", "left", "raise_errors", "failure", "cancelled", "shown")
+
+    def __init__(self, n, raise_errors):
+        self.results = [None] * n
+        self.left = n
+        self.raise_errors = raise_errors
+        self.failure = None
+        self.cancelled = False
+        self.shown = 0
+
+    def deliver(self, slot, ok, value):
+        if ok:
+            self.results[slot] = value
+        elif self.raise_errors:
+            return self.abort(value)
+        else:
+            self.results[slot] = value.text
+        self.left -= 1
+
+    def abort(self, failure):
+        self.failure = failure
+        self.cancelled = True
+
+    def report(self, bar):
+        done = len(self.results) - self.left
+        if done > self.shown:
+            bar.update(done - self.shown)
+            self.shown = done
+
+
+class _Worker:
+    """One worker process, its pipe, and the jobs it holds."""
+
+    def __init__(self, process, conn, max_tasks):
+        self.process = process
+        self.sentinel = process.sentinel
+        self.conn = conn
+        self.fd = conn.fileno()
+        self.jobs = deque()   # sent, not yet answered, in running order: jobs[0] is running
+        self.msgs = deque()   # how many of those jobs each message in flight still holds
+        self.since = 0.0      # when jobs[0] started
+        self.ready = False    # has said it is ready (worker_init done)
+        self.open = True      # may be sent more work
+        self.eof = False      # its end of the pipe is closed
+        self.left = max_tasks  # tasks it may still be sent (max_tasks_per_child), None: no limit
+        self.overdue = None   # the job it was stopped for, past its timeout
+        self._buf = b""
+        self._big = None      # a large frame being read, and how much of it has arrived
+        self._have = 0
+
+    def send(self, body):
+        _send_frame(self.fd, body)
+
+    def receive(self):
+        """Read what the worker has sent (one read, which won't block); return whole frames."""
+        if self._big is not None:
+            got = os.readv(self.fd, [memoryview(self._big)[self._have:]])
+            if not got:
+                raise EOFError
+            self._have += got
+            if self._have < len(self._big):
+                return ()
+            frame, self._big = self._big, None
+            return (frame,)
+        data = os.read(self.fd, _READ_SIZE)
+        if not data:
+            raise EOFError
+        buf = self._buf + data if self._buf else data
+        frames, pos, end = [], 0, len(buf)
+        while end - pos >= 8:
+            n = _HEADER.unpack_from(buf, pos)[0]
+            if pos + 8 + n > end:
+                if n >= _BIG_FRAME:
+                    self._big = bytearray(n)
+                    self._have = end - pos - 8
+                    self._big[:self._have] = buf[pos + 8:]
+                    pos = end
+                break
+            frames.append(buf[pos + 8:pos + 8 + n])
+            pos += 8 + n
+        self._buf = buf[pos:]
+        return frames
+
+
+class _Pool:
+    """The engine: worker processes, the jobs waiting for them, the finished ones, and the loop."""
+
+    def __init__(self, ctx, size, init, max_tasks):
+        self.ctx = ctx
+        self.size = size
+        self.init = init
+        self.max_tasks = max_tasks
+        self.workers = []
+        self.pending = deque()   # jobs waiting for a worker
+        self.parked = None       # (jobs, message): too large to prefetch, waits for an idle worker
+        self.inbox = deque()     # (item, ok, value) of finished submitted tasks, for take()
+        self.avg = None          # smoothed seconds per task, as the workers measure it
+        self.closed = False
+        self._keys = {}          # pipe fd or sentinel -> worker, for wait()
+        self._waitables = []
+        self._missing = 0        # workers to start
+        self._boot_deaths = 0
+
+    def start(self):
+        self._lifeline, self._lifeline_end = self.ctx.Pipe(duplex=False)
+        atexit.register(self.close)
+        try:
+            for _ in range(self.size):
+                self._spawn()
+            self.serve(lambda: all(w.ready for w in self.workers))
+        except BaseException:
+            self.close(grace=0)
+            raise
+
+    def close(self, grace=0.2):
+        """Ask the workers to exit; after `grace` seconds, terminate the rest. Reap them all."""
+        if self.closed:
+            return
+        self.closed = True
+        atexit.unregister(self.close)
+        for w in self.workers:
+            try:
+                w.send(b"")
+            except OSError:
+                pass
+        processes = [w.process for w in self.workers]
+        alive = _wait_for_exit(processes, grace)
+        for p in alive:
+            p.terminate()
+        for p in _wait_for_exit(alive, 1.0):
+            p.kill()
+        for p in processes:
+            p.join()
+        for w in self.workers:
+            w.conn.close()
+        self.workers.clear()
+        self._lifeline.close()
+        self._lifeline_end.close()
+        self.pending.clear()
+        self.inbox.clear()
+        self.parked = None
+
+    def serve(self, until, timeout=None, progress=None):
+        """The event loop: move jobs and results until until() is true, or timeout seconds pass.
+
+        Returns until(). timeout=0 still reads whatever has arrived once.
+        """
+        deadline = None if timeout is None else monotonic() + timeout
+        polled = False
+        while True:
+            self.dispatch()
+            if until():
+                return True
+            now = monotonic()
+            if polled and deadline is not None and now >= deadline:
+                return False
+            wait_for = self._time_to_next_timeout(now)
+            if deadline is not None:
+                left = max(0.0, deadline - now)
+                wait_for = left if wait_for is None else min(wait_for, left)
+            ready = wait(self._waitables, wait_for)
+            now = monotonic()
+            for key in ready:
+                w = self._keys.get(key)
+                if w is None:
+                    continue  # reaped already in this round
+                if key == w.sentinel:
+                    self._reap(w, now)
+                else:
+                    self._read(w, now)
+            self._stop_overdue(now)
+            if progress is not None:
+                progress()
+            polled = True
+
+    # -- sending work --------------------------------------------------------------------------
+
+    def dispatch(self):
+        """Give work to idle workers first, then one more message to each busy one."""
+        while self._missing and not self.closed:
+            self._missing -= 1
+            self._spawn()
+        for depth in (0, 1):
+            for w in self.workers:
+                if not (self.pending or self.parked):
+                    return
+                if w.ready and w.open and len(w.msgs) == depth:
+                    self._send_work(w)
+
+    def _send_work(self, w):
+        if self.parked is not None:
+            if w.msgs:
+                return
+            jobs, message = self.parked
+            self.parked = None
+            if w.left is not None and len(jobs) > w.left:  # too many for this worker: rebatch
+                self.pending.extendleft(reversed(jobs))
+                return self._send_work(w)
+        else:
+            jobs = self._next_batch(w)
+            message = self._pickle_batch(jobs)
+            if message is None:
+                return
+            if w.msgs and len(message) > _PREFETCH_BYTES:
+                self.parked = (jobs, message)
+                return
+        w.jobs.extend(jobs)
+        w.msgs.append(len(jobs))
+        if len(w.msgs) == 1:
+            w.since = monotonic()
+        try:
+            w.send(message)
+        except OSError:  # the worker is gone; these jobs never reached it, its sentinel will tell
+            for _ in jobs:
+                w.jobs.pop()
+            w.msgs.pop()
+            w.open = False
+            self.pending.extendleft(reversed(jobs))
+            return
+        if w.left is not None:
+            w.left -= len(jobs)
+            if w.left == 0:  # max_tasks_per_child: it exits after these, and is replaced
+                w.open = False
+                try:
+                    w.send(b"")
+                except OSError:
+                    pass
+
+    def _next_batch(self, w):
+        n = 1
+        if self.avg is not None:
+            n = min(_MAX_BATCH, int(_BATCH_SECONDS / max(self.avg, 1e-7)),
+                    ceil(len(self.pending) / (2 * self.size)))
+        if w.left is not None:
+            n = min(n, w.left)
+        pending = self.pending
+        if n <= 1:
+            return [pending.popleft()]
+        return [pending.popleft() for _ in range(min(n, len(pending)))]
+
+    def _pickle_batch(self, jobs):
+        """The message for these jobs, or None if none of them can be pickled."""
+        try:
+            return ForkingPickler.dumps([j.payload or (j.task.f, j.task.args, j.task.kwargs) for j in jobs])
+        except Exception:
+            pass
+        # Some task can't travel: pickle them one by one, fail that one, send the others.
+        good = []
+        for job in jobs:
+            try:
+                job.payload = job.payload or _pickle_task(job.task)
+                good.append(job)
+            except TypeError as exc:
+                failure = _Failure.of(exc)
+                if isinstance(job.owner, _Call):
+                    job.owner.abort(failure)  # execute() raises it: a task that can't be sent is bad input
+                else:
+                    self._finish(job, False, failure)
+        jobs[:] = good
+        return ForkingPickler.dumps([j.payload for j in good]) if good else None
+
+    def cancel(self, call):
+        """Forget the jobs of an aborted execute(): those queued now, and the results of the rest."""
+        call.cancelled = True
+        self.pending = deque(j for j in self.pending if j.owner is not call)
+        if self.parked is not None:
+            jobs, self.parked = self.parked[0], None
+            self.pending.extendleft(reversed([j for j in jobs if j.owner is not call]))
+
+    # -- receiving results ---------------------------------------------------------------------
+
+    def _read(self, w, now):
+        try:
+            frames = w.receive()
+        except (EOFError, OSError):
+            w.eof = True
+            self._index()
+            return
+        for frame in frames:
+            self._on_frame(w, frame, now)
+
+    def _on_frame(self, w, frame, now):
+        try:
+            kind, value, seconds = pickle.loads(frame)
+        except Exception as exc:  # a result the parent can't unpickle: an error of that task
+            kind, value, seconds = _FAILED, _describe(exc), 0.0
+        if kind == _DONE or kind == _FAILED:
+            job = w.jobs.popleft()
+            msgs = w.msgs
+            msgs[0] -= 1
+            if not msgs[0]:
+                msgs.popleft()
+            w.since = now
+            self.avg = seconds if self.avg is None else self.avg + 0.2 * (seconds - self.avg)
+            if kind == _DONE:
+                self._finish(job, True, value)
+            else:
+                self._finish(job, False, _Failure(*value))
+        elif kind == _READY:
+            w.ready = True
+            w.since = now
+            self._boot_deaths = 0
+        elif kind == _INIT_FAILED:
+            raise RuntimeError(f"worker_init {_short(self.init)} failed in a worker process:\n{value}")
+        else:  # _UNREADABLE: a task in that message can't be unpickled there; send them one by one
+            jobs = [w.jobs.popleft() for _ in range(w.msgs.popleft())]
+            w.since = now
+            for job in reversed(jobs):
+                try:
+                    job.payload = job.payload or _pickle_task(job.task)
+                except TypeError as exc:
+                    self._finish(job, False, _Failure.of(exc))
+                    continue
+                self.pending.appendleft(job)
+
+    def _finish(self, job, ok, value):
+        if ok and job.chain is not None:
+            try:
+                step = _next_step(job.chain, value)
+            except Exception as exc:
+                ok, value = False, _Failure(*_describe(exc))
+            else:
+                if step is not None:
+                    job.task, job.chain = (step.task, step) if isinstance(step, TaskChain) else (step, None)
+                    job.payload = None
+                    self.pending.appendleft(job)
+                    return
+        owner = job.owner
+        if owner is None:
+            self.inbox.append((job.slot, ok, value))
+        elif not owner.cancelled:
+            owner.deliver(job.slot, ok, value)
+
+    # -- workers coming and going --------------------------------------------------------------
+
+    def _spawn(self):
+        conn, child_conn = self.ctx.Pipe()
+        process = self.ctx.Process(target=_worker_main, name="mplite-worker",
+                                   args=(child_conn, self._lifeline, self._lifeline_end, self.init))
+        # Block Ctrl-C while starting: the new process inherits the mask, and stays deaf to
+        # SIGINT until the worker loop ignores it, so no worker prints a KeyboardInterrupt.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            child_conn.close()
+        self.workers.append(_Worker(process, conn, self.max_tasks))
+        self._index()
+
+    def _reap(self, w, now):
+        """A worker process has ended: collect what it sent, charge its running task, replace it."""
+        while not w.eof and wait([w.fd], 0):
+            self._read(w, now)
+        w.process.join()
+        w.conn.close()
+        self.workers.remove(w)
+        self._index()
+        if not self.closed:
+            self._missing += 1
+        code = w.process.exitcode
+        if w.overdue is not None and w.jobs and w.jobs[0] is not w.overdue:
+            # The overdue task finished as it was stopped; the next one had barely begun.
+            self.pending.extendleft(reversed(w.jobs))
+        elif w.jobs:
+            job = w.jobs.popleft()
+            if job is w.overdue:
+                error = TimeoutError(f"{_short(job.task)} did not finish within {job.timeout} s; "
+                                     f"its worker process was stopped")
+            else:
+                error = ChildProcessError(f"the worker process (pid {w.process.pid}) running "
+                                          f"{_short(job.task)} {_exit_reason(code)}")
+            self.pending.extendleft(reversed(w.jobs))  # never started: they run elsewhere
+            self._finish(job, False, _Failure.of(error))
+        elif not w.ready:
+            # It died while starting. Killed from outside: start another, within reason.
+            # Exited by itself: it will again (say, the main module fails to import).
+            self._boot_deaths += 1
+            if code is None or code >= 0 or self._boot_deaths > _BOOT_DEATHS:
+                raise RuntimeError(f"a worker process {_exit_reason(code)} before it was ready; "
+                                   f"see its output above")
+
+    def _time_to_next_timeout(self, now):
+        soonest = None
+        for w in self.workers:
+            if w.jobs and w.ready and w.overdue is None and w.jobs[0].timeout is not None:
+                left = w.since + w.jobs[0].timeout - now
+                soonest = left if soonest is None else min(soonest, left)
+        return None if soonest is None else max(0.0, soonest)
+
+    def _stop_overdue(self, now):
+        for w in self.workers:
+            if w.jobs and w.ready and w.overdue is None:
+                limit = w.jobs[0].timeout
+                if limit is not None and now - w.since >= limit:
+                    w.overdue = w.jobs[0]
+                    w.open = False
+                    w.process.kill()  # _reap gives the job its TimeoutError
+
+    def _index(self):
+        keys = {w.sentinel: w for w in self.workers}
+        keys.update((w.fd, w) for w in self.workers if not w.eof)
+        self._keys = keys
+        self._waitables = list(keys)
+
+
+def _wait_for_exit(processes, seconds):
+    """Wait up to `seconds` for the processes to end; return those still alive."""
+    deadline = monotonic() + seconds
+    alive = [p for p in processes if p.exitcode is None]
+    while alive:
+        left = deadline - monotonic()
+        if left <= 0:
+            break
+        wait([p.sentinel for p in alive], left)
+        alive = [p for p in alive if p.exitcode is None]
+    return alive
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors: what a failed task's result is made of
+# ---------------------------------------------------------------------------------------------
+
+class _UnpicklableError(TypeError, pickle.PicklingError):
+    """A task that can't be sent to a worker (both a TypeError and a PicklingError)."""
+
+
+class _Failure:
+    """A task's error: the text str mode returns, and what exception mode needs to raise it."""
+    __slots__ = ("text", "blob", "frames", "exc")
+
+    def __init__(self, text, blob=None, frames=(), exc=None):
+        self.text = text
+        self.blob = blob      # the pickled exception, when it survived a round trip
+        self.frames = frames  # (filename, lineno, name) of the worker's traceback
+        self.exc = exc        # the exception itself, for errors made in the parent
+
+    @classmethod
+    def of(cls, exc):
+        """An error raised on a task's behalf in the parent: a dead worker, a timeout."""
+        return cls(_describe(exc)[0], exc=exc)
+
+    def exception(self):
+        """The exception to raise in the caller, carrying the worker-side traceback."""
+        exc = self.exc
+        if exc is None:
+            try:
+                exc = pickle.loads(self.blob)
+            except Exception:
+                last = self.text.rstrip().splitlines()[-1]
+                exc = RuntimeError(f"{last} (the task's exception could not be sent back as it is)")
+        if self.frames:
+            exc = exc.with_traceback(_rebuild_traceback(self.frames))
+        return exc
+
+
+def _describe(exc):
+    """(text, pickled exception or None, frames) of an exception: what travels back for it."""
+    tb = exc.__traceback__
+    tb = tb and tb.tb_next  # the first frame is ours, where the task was called
+    text = "".join(traceback.format_exception(type(exc), exc, tb)).rstrip("\n")
+    if not text.startswith("Traceback"):
+        text = "Traceback (most recent call last):\n" + text
+    frames = [(fs.filename, fs.lineno, fs.name) for fs in traceback.extract_tb(tb)]
+    try:
+        blob = pickle.dumps(exc, pickle.HIGHEST_PROTOCOL)
+        pickle.loads(blob)  # some exceptions pickle but can't be rebuilt (a different __init__)
+    except Exception:
+        blob = None
+    return text, blob, frames
+
+
+class _RebuiltFrame(Exception):
+    pass
+
+
+def _rebuild_traceback(frames):
+    """A real traceback object whose frames point at the worker's files, lines and functions.
+
+    For each frame, compile a `raise` placed at the same line of the same file, name its code
+    after the function, and run it: the frame it leaves behind is a stand-in for the worker's.
+    """
+    tb = None
+    for filename, lineno, name in reversed(frames):
+        lineno = lineno or 1
+        code = compile("\n" * (lineno - 1) + "raise _RebuiltFrame", filename, "exec")
+        try:
+            exec(code.replace(co_name=name), {"_RebuiltFrame": _RebuiltFrame})
+        except _RebuiltFrame as marker:
+            frame = marker.__traceback__.tb_next.tb_frame
+        tb = types.TracebackType(tb, frame, frame.f_lasti, lineno)
+    return tb
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------------
+
+def _name(f):
+    return getattr(f, "__name__", None) or repr(f)
+
+
+def _short(task):
+    """A task's repr, kept short: errors name the task, and its arguments may be huge."""
+    return f"Task(f={_name(task.f)}, *{reprlib.repr(task.args)}, **{reprlib.repr(task.kwargs)})"
+
+
+def _next_step(chain, result):
+    if chain.next is None:
+        return None
+    step = chain.next(chain.task, result)
+    if step is not None and not isinstance(step, (Task, TaskChain)):
+        raise TypeError(f"next_task returned {type(step).__name__}; expected a Task, TaskChain or None")
+    return step
+
+
+def _pickle_task(task):
+    try:
+        return ForkingPickler.dumps((task.f, task.args, task.kwargs)).tobytes()
+    except Exception as exc:
+        raise _UnpicklableError(f"{_short(task)} can't be sent to a worker process: {exc}") from exc
+
+
+def _exit_reason(code):
+    if code is None:
+        return "stopped"
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    oom = " (possibly out of memory)" if -code == signal.SIGKILL else ""
+    return f"was killed by {name}{oom}"
+
+
+def _task_list(tasks):
+    try:
+        tasks = list(tasks)
+    except TypeError:
+        raise TypeError(f"execute takes an iterable of Task or TaskChain, not {type(tasks).__name__}") from None
+    for i, t in enumerate(tasks):
+        if not isinstance(t, (Task, TaskChain)):
+            raise TypeError(f"execute takes Task or TaskChain items; item {i} is {type(t).__name__}")
+    return tasks
+
+
+def _context(context):
+    if isinstance(context, BaseContext):
+        return context
+    if not isinstance(context, str):
+        raise TypeError(f"context must be a start method name or a multiprocessing context, not {context!r}")
+    methods = get_all_start_methods()
+    if context not in methods:
+        raise ValueError(f"context must be one of {methods}, not {context!r}")
+    return get_context(context)
+
+
+def _usable_cpus():
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int, not {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, not {value!r}")
+    return value
+
+
+def _seconds(value, name, zero_ok=False):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds or None, not {value!r}")
+    if not (value >= 0 if zero_ok else value > 0) or value != value:
+        raise ValueError(f"{name} must be {'0 or more' if zero_ok else 'more than 0'} seconds, not {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress bar
+# ---------------------------------------------------------------------------------------------
+
+def _progress_bar(total, tqdm, pbar, progress):
+    if pbar is not None:
+        return pbar
+    if not progress:
+        return None
+    if tqdm is not None:
+        return tqdm(total=total, unit="tasks")
+    return _ProgressBar(total)
+
+
+class _ProgressBar:
+    """A text bar in tqdm's default look: ` 45%|████▌     | 45/100 [00:02<00:03, 17.30tasks/s]`.
+
+    On a terminal it redraws one line in place, at most 10 times a second. Elsewhere (a CI log,
+    a file) it writes whole lines: at the start, then at growing intervals, and at the end.
+    """
+    _UNICODE = " ▏▎▍▌▋▊▉█"
+    _ASCII = " 123456789#"
+
+    def __init__(self, total, file=None, unit="tasks"):
+        self.file = file or sys.stderr
+        self.total = total
+        self.unit = unit
+        self.n = 0
+        self.start = self.drawn = monotonic()
+        self.tty = _isatty(self.file)
+        self.interval = 0.1 if self.tty else 5.0
+        try:
+            self._UNICODE.encode(getattr(self.file, "encoding", None) or "ascii")
+            self.blocks = self._UNICODE
+        except (UnicodeEncodeError, LookupError):
+            self.blocks = self._ASCII
+        self._draw(self.start)
+
+    def update(self, n=1):
+        self.n += n
+        now = monotonic()
+        if now - self.drawn >= self.interval:
+            self._draw(now)
+            if not self.tty:
+                self.interval = min(2 * self.interval, 60.0)
+
+    def close(self):
+        self._draw(monotonic())
+        if self.tty:
+            self._write("\n")
+
+    def _draw(self, now):
+        self.drawn = now
+        line = self.format(self.n, self.total, now - self.start)
+        self._write("\r" + line if self.tty else line + "\n")
+
+    def _write(self, text):
+        try:
+            self.file.write(text)
+            self.file.flush()
+        except (OSError, ValueError):  # a closed or broken stream must not break the work
+            pass
+
+    def format(self, n, total, elapsed):
+        frac = n / total if total else 1.0
+        width, levels = 10, len(self.blocks) - 1
+        full, part = divmod(int(frac * width * levels), levels)
+        bar = self.blocks[-1] * full
+        if full < width:
+            bar += self.blocks[part]
+        bar = bar.ljust(width)
+        rate = n / elapsed if elapsed > 0 and n else None
+        if rate is None:
+            remaining, speed = "?", f"?{self.unit}/s"
+        else:
+            remaining = _clock((total - n) / rate)
+            speed = f"{rate:5.2f}{self.unit}/s" if rate >= 1 else f"{1 / rate:5.2f}s/{self.unit}"
+        return f"{frac * 100:3.0f}%|{bar}| {n}/{total} [{_clock(elapsed)}<{remaining}, {speed}]"
+
+
+def _clock(seconds):
+    minutes, s = divmod(int(seconds), 60)
+    h, m = divmod(minutes, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+def _isatty(file):
+    try:
+        return file.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Self-test: python -m mplite
+# ---------------------------------------------------------------------------------------------
+
+def _showcase_f(*args, **kwargs):
+    time.sleep(args[0])
+    return args[0] / kwargs["hello"]
+
+
+def _broken(*args, **kwargs):
+    raise NotImplementedError("this task must fail!")
+
+
+def _adder(a, b):
+    return a + b
+
+
+def _double_then_add_one(prev_task, result):
+    return Task(_adder, result, 1)
+
+
+def _self_test():
+    checks = []
+
+    def check(what, ok, detail=""):
+        checks.append(ok)
+        print(f"  [{'ok' if ok else 'FAILED'}] {what}" + (f": {detail}" if detail and not ok else ""))
+
+    print(f"mplite {__version__} self-test (Python {sys.version.split()[0]}, {_usable_cpus()} CPUs)")
+    start = time.perf_counter()
+    with TaskManager() as tm:
+        print(f"  started {tm.cpu_count} workers with the 'spawn' start method")
+        args = list(range(10)) * 5
+        tasks = [Task(_showcase_f, arg / 100, hello=arg) for arg in args]
+        results = tm.execute(tasks, progress=False)
+        errors = [r for r in results if isinstance(r, str)]
+        values = [r for r in results if not isinstance(r, str)]
+        check("50 tasks with args and kwargs, results in order",
+              len(results) == 50 and all(abs(v - 0.01) < 1e-9 for v in values), repr(results[:3]))
+        check("5 tasks dividing by zero return their tracebacks",
+              len(errors) == 5 and all(e.startswith("Traceback (most recent call last):")
+                                       and e.endswith("ZeroDivisionError: float division by zero") for e in errors),
+              repr(errors[:1]))
+        results = tm.execute([Task(_broken, i) for i in range(3)], progress=False)
+        check("the same pool takes more work; failing tasks don't crash it",
+              all(r.splitlines()[-1] == "NotImplementedError: this task must fail!" for r in results), repr(results))
+        for a in range(1, 10, 2):
+            tm.submit(Task(_adder, a, a + 1))
+        sums = []
+        while tm.open_tasks:
+            sums.append(tm.take(timeout=None))
+            if len(sums) == 2:
+                tm.submit(Task(_adder, *sums))
+                sums = []
+        check("incremental work with submit/take adds 1..10 to 55", sums == [55], repr(sums))
+        chain = TaskChain(Task(_adder, 20, 0), _double_then_add_one)
+        check("a task chain runs step after step", tm.execute([chain], progress=False) == [21])
+    elapsed = time.perf_counter() - start
+    if all(checks):
+        print(f"all {len(checks)} checks passed in {elapsed:.1f} s")
+        return 0
+    print(f"{checks.count(False)} of {len(checks)} checks FAILED")
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(_self_test())
