@@ -19,6 +19,7 @@ other task still runs, and a dead worker is replaced. ``python -m mplite`` runs 
 Standard library only, Python 3.8+, POSIX (Linux, macOS). MIT licence.
 """
 import atexit
+import io
 import itertools
 import os
 import pickle
@@ -32,11 +33,13 @@ import traceback
 import types
 import weakref
 from collections import deque
+from itertools import repeat
 from math import ceil
 from multiprocessing import get_context, get_all_start_methods
 from multiprocessing.connection import wait
 from multiprocessing.context import BaseContext
 from multiprocessing.reduction import ForkingPickler
+from operator import methodcaller
 from time import monotonic, perf_counter
 
 __version__ = "2.0.0"
@@ -186,10 +189,10 @@ class TaskManager:
         timeout = self.timeout if timeout is _DEFAULT else _seconds(timeout, "timeout")
         if not tasks:
             return []
-        call = _Call(len(tasks), raise_errors=self.error_mode == "exception")
+        call = _Call(tasks, timeout, raise_errors=self.error_mode == "exception")
         bar = _progress_bar(len(tasks), tqdm, pbar, progress)
         pool.avg = None  # a new call may bring tasks of another size: measure afresh
-        pool.pending.extend(_Job(item, call, i, timeout) for i, item in enumerate(tasks))
+        pool.pending.append(_Job(call, 0, len(tasks)))
         try:
             self._serve(lambda: call.left == 0 or call.cancelled,
                         progress=None if bar is None else lambda: call.report(bar))
@@ -211,9 +214,8 @@ class TaskManager:
         if not isinstance(task, (Task, TaskChain)):
             raise TypeError(f"submit takes a Task or TaskChain, not {type(task).__name__}")
         timeout = self.timeout if timeout is _DEFAULT else _seconds(timeout, "timeout")
-        job = _Job(task, None, task, timeout)
-        job.payload = _pickle_task(job.task)  # fail here, naming the task, if it can't travel
-        pool.pending.append(job)
+        payload = _pickle_task(_entry_task(task))  # fail here, naming the task, if it can't travel
+        pool.pending.append(_Job(_Submitted(task, timeout, pool.inbox), 0, 1, payload))
         self._open += 1
         pool.dispatch()
         return task.id
@@ -283,17 +285,32 @@ class TaskManager:
 # The engine
 #
 # Every worker has its own Pipe (a socket pair). The parent sends a worker messages, each a
-# pickled list of tasks, and the worker answers with one frame per task, as soon as that task
-# is done, so a worker that dies costs only the task it was running. The parent reads the
-# frames in bulk and sleeps in multiprocessing.connection.wait() on all pipes and process
-# sentinels: a result or a death wakes it at once, and nothing polls.
+# pickled list of tasks; the worker answers with one frame per task. The parent sleeps in
+# multiprocessing.connection.wait() on all pipes and process sentinels: a result or a death
+# wakes it at once, and nothing polls.
+#
+# A system call costs microseconds, more than a tiny task, so a worker does not send each frame
+# on its own: it writes them to a journal in shared memory and sends the journal down the pipe
+# in one write when the message is done (or every few milliseconds). If the worker dies before
+# that, the parent reads the frames it missed from the journal: a worker that dies costs only
+# the task it was running, and finished tasks keep their results. Frames are numbered in the
+# order the worker wrote them, which is how the parent knows which of them it already has.
 #
 # _Worker.jobs, the tasks sent to a worker and not yet answered, in the order the worker runs
 # them, is the one record of which task each worker holds: jobs[0] is the one running.
 # ---------------------------------------------------------------------------------------------
 
 _HEADER = struct.Struct("<Q")  # frame length, both ways; a zero-length message asks a worker to exit
-_DONE, _FAILED, _READY, _INIT_FAILED, _UNREADABLE = range(5)  # what a worker's frame says
+_ANSWERS = struct.Struct("<I?d")  # a worker's frame starts: answers, all results?, seconds per task
+_DONE, _FAILED, _READY, _INIT_FAILED, _UNREADABLE = range(5)  # the kinds of answer
+
+# The journal, in shared memory: the number of its first answer; for each answer, where it ends
+# and its kind (end << 3 | kind; 0 where none is written yet); then the pickled answers.
+_ENTRIES = 4096
+_ENDS_AT = 8
+_DATA_AT = _ENDS_AT + 8 * _ENTRIES
+_JOURNAL_SIZE = _DATA_AT + (1 << 20)
+_FLUSH_SECONDS = 0.02  # the answers of a long message reach the parent at least this often
 
 _READ_SIZE = 1 << 18
 _BIG_FRAME = 1 << 20  # a frame larger than this is read straight into its own buffer
@@ -308,46 +325,131 @@ _MAX_BATCH = 1024
 _BOOT_DEATHS = 50  # workers killed before they were ready, in a row, before we give up
 
 
-def _worker_main(conn, lifeline, lifeline_end, init):
+def _worker_main(conn, journal, lifeline, lifeline_end, init):
     """The loop each worker process runs: read a message of tasks, run them, answer each."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which then stops us
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     lifeline_end.close()  # a forked worker inherits the parent's end: ours would hide its death
     threading.Thread(target=_exit_when_closed, args=(lifeline,), daemon=True).start()
     fd = conn.fileno()
+    out = _Outbox(fd, journal)
     if init is not None:
         try:
             init.execute()
         except BaseException as exc:
-            _send_frame(fd, _dumps((_INIT_FAILED, _describe(exc)[0], 0.0)))
-            return
-    _send_frame(fd, _dumps((_READY, os.getpid(), 0.0)))
+            return out.post(_INIT_FAILED, _describe(exc)[0])
+    out.post(_READY, os.getpid())
     while True:
         message = _receive_frame(fd)
         if not message:  # asked to exit, or the parent is gone
             return
         try:
-            batch = pickle.loads(message)
+            each, batch = pickle.loads(message)
         except BaseException:
-            _send_frame(fd, _dumps((_UNREADABLE, None, 0.0)))
+            out.post(_UNREADABLE, None)
             continue
+        out.run(batch, each)
+
+
+class _Outbox:
+    """A worker's answers on their way to the parent, kept in its journal until the pipe has them.
+
+    The journal is laid out as the answers travel: for each answer where it ends and what kind it
+    is, then the answers, each pickled on its own. A flush sends them in one write, then empties it.
+    """
+
+    def __init__(self, fd, journal):
+        mem = memoryview(journal).cast("B")
+        self.fd = fd
+        self.number = 0  # of the journal's first answer: answers sent so far
+        self.head = mem[:_ENDS_AT]
+        self.ends = mem[_ENDS_AT:_DATA_AT]
+        self.data = mem[_DATA_AT:]
+
+    def run(self, batch, each):
+        """Run a message's tasks, journal each answer, send them all (and every few ms)."""
+        ends, data, room = self.ends.cast("Q"), self.data, len(self.data)
+        dumps = pickle.dumps
+        count = end = 0
+        plain = True  # every answer in the journal is a result
+        started = flushed = monotonic()
         for entry in batch:
-            _send_frame(fd, _run(entry))
+            kind = _DONE
+            try:
+                f, args, kwargs = pickle.loads(entry) if entry.__class__ is bytes else entry
+                value = f(*args, **kwargs)
+            except BaseException as exc:  # SystemExit too: it ends the task, not the worker
+                kind, blob = _FAILED, dumps(_describe(exc), -1)
+            else:
+                try:
+                    blob = dumps(value, -1)
+                except BaseException as exc:
+                    error = TypeError(f"the task's result, a {type(value).__name__}, can't be sent back: {exc}")
+                    kind, blob = _FAILED, dumps(_describe(error), -1)
+            stop = end + len(blob)
+            if stop > room or count == _ENTRIES:  # full: send what it holds first
+                self.flush(count, end, plain)
+                count, end, stop, plain = 0, 0, len(blob), True
+            if stop > room:  # too large for the journal: it goes on its own, straight away
+                self.send_alone(kind, blob)
+            else:
+                data[end:stop] = blob
+                ends[count] = stop << 3 | kind  # written last: only now does the answer count
+                end = stop
+                count += 1
+                plain = plain and kind == _DONE
+            # With a timeout the parent must see each task end: it times the next from there.
+            if each or (count & 7 == 0 and monotonic() - flushed > _FLUSH_SECONDS):
+                self.flush(count, end, plain)
+                count = end = 0
+                plain = True
+                flushed = monotonic()
+        self.flush(count, end, plain, (monotonic() - started) / len(batch))  # this sizes later batches
+
+    def post(self, kind, value):
+        """Send an answer that is not a task's: ready, init failed, unreadable message."""
+        self.send_alone(kind, pickle.dumps(value, -1))
+
+    def flush(self, count, end, plain, spent=-1.0):
+        if count or spent >= 0:
+            size = _ANSWERS.size + 8 * count + end
+            _write_parts(self.fd, [_HEADER.pack(size) + _ANSWERS.pack(count, plain, spent),
+                                   self.ends[:8 * count], self.data[:end]])
+            self.ends[:8 * count] = bytes(8 * count)  # empty the journal first, then renumber it
+            self.number += count
+            _HEADER.pack_into(self.head, 0, self.number)
+
+    def send_alone(self, kind, blob):
+        size = _ANSWERS.size + 8 + len(blob)
+        _write_parts(self.fd, [_HEADER.pack(size) + _ANSWERS.pack(1, kind == _DONE, -1.0),
+                               _HEADER.pack(len(blob) << 3 | kind), blob])
+        self.number += 1
+        _HEADER.pack_into(self.head, 0, self.number)
 
 
-def _run(entry):
-    """Run one task; return its answer frame: the result, or the error."""
-    start = perf_counter()
-    try:
-        f, args, kwargs = pickle.loads(entry) if entry.__class__ is bytes else entry
-        value = f(*args, **kwargs)
-    except BaseException as exc:  # SystemExit too: it ends the task, not the worker
-        return _dumps((_FAILED, _describe(exc), perf_counter() - start))
-    try:
-        return _dumps((_DONE, value, perf_counter() - start))
-    except BaseException as exc:
-        error = TypeError(f"the task's result, a {type(value).__name__}, can't be sent back: {exc}")
-        return _dumps((_FAILED, _describe(error), perf_counter() - start))
+def _journal_answers(journal):
+    """(number, kind, pickled answer) for each answer a journal holds."""
+    mem = memoryview(journal).cast("B")
+    number = _HEADER.unpack_from(mem, 0)[0]
+    start = _DATA_AT
+    for end_kind in mem[_ENDS_AT:_DATA_AT].cast("Q"):
+        if not end_kind:
+            break
+        stop = _DATA_AT + (end_kind >> 3)
+        yield number, end_kind & 7, bytes(mem[start:stop])
+        number += 1
+        start = stop
+
+
+def _write_parts(fd, parts):
+    """Write byte buffers to fd as one message: one system call, unless the message is large."""
+    written = os.writev(fd, parts)
+    for part in parts:
+        if written >= len(part):
+            written -= len(part)
+        else:
+            _write_all(fd, memoryview(part)[written:])
+            written = 0
 
 
 def _exit_when_closed(lifeline):
@@ -395,30 +497,39 @@ def _read_exactly(fd, n):
 
 
 class _Job:
-    """A task on its way: where its result goes, and how long it may run."""
-    __slots__ = ("task", "chain", "owner", "slot", "timeout", "payload")
+    """Tasks of one owner that travel together: owner.items[start:stop], run in that order.
 
-    def __init__(self, item, owner, slot, timeout):
-        self.task, self.chain = (item.task, item) if isinstance(item, TaskChain) else (item, None)
-        self.owner = owner      # the _Call of an execute(), or None for submit()
-        self.slot = slot        # index in the call's results, or the submitted item
-        self.timeout = timeout
-        self.payload = None     # the task, pickled alone, where it must travel that way
+    A job in a worker's queue shrinks from the front as results arrive, so its start is always
+    the task that worker is running.
+    """
+    __slots__ = ("owner", "start", "stop", "payload")
+
+    def __init__(self, owner, start, stop, payload=None):
+        self.owner = owner
+        self.start = start
+        self.stop = stop
+        self.payload = payload  # a single task, pickled alone, where it must travel that way
 
 
 class _Call:
-    """One execute() call: its results in input order, and how many are still to come."""
-    __slots__ = ("results", "left", "raise_errors", "failure", "cancelled", "shown")
+    """One execute() call: its tasks, their results in input order, and how many are to come."""
+    __slots__ = ("items", "results", "left", "timeout", "raise_errors", "plain", "failure",
+                 "cancelled", "shown")
 
-    def __init__(self, n, raise_errors):
-        self.results = [None] * n
-        self.left = n
+    def __init__(self, items, timeout, raise_errors):
+        self.items = items  # what runs next for each slot: a Task, or a TaskChain's current step
+        self.results = [None] * len(items)
+        self.left = len(items)
+        self.timeout = timeout
         self.raise_errors = raise_errors
+        self.plain = all(t.__class__ is Task for t in items)  # no chains: results go straight in
         self.failure = None
         self.cancelled = False
         self.shown = 0
 
     def deliver(self, slot, ok, value):
+        if self.cancelled:
+            return
         if ok:
             self.results[slot] = value
         elif self.raise_errors:
@@ -438,24 +549,41 @@ class _Call:
             self.shown = done
 
 
+class _Submitted:
+    """One submit()ted task: its result goes to the pool's inbox, for take()."""
+    __slots__ = ("item", "items", "timeout", "inbox")
+    plain = cancelled = False
+
+    def __init__(self, item, timeout, inbox):
+        self.item = item
+        self.items = [item]
+        self.timeout = timeout
+        self.inbox = inbox
+
+    def deliver(self, slot, ok, value):
+        self.inbox.append((self.item, ok, value))
+
+
 class _Worker:
     """One worker process, its pipe, and the jobs it holds."""
 
-    def __init__(self, process, conn, max_tasks):
+    def __init__(self, process, conn, journal, max_tasks):
         self.process = process
         self.sentinel = process.sentinel
         self.conn = conn
         self.fd = conn.fileno()
-        self.jobs = deque()   # sent, not yet answered, in running order: jobs[0] is running
-        self.msgs = deque()   # how many of those jobs each message in flight still holds
-        self.since = 0.0      # when jobs[0] started
-        self.ready = False    # has said it is ready (worker_init done)
-        self.open = True      # may be sent more work
-        self.eof = False      # its end of the pipe is closed
-        self.left = max_tasks  # tasks it may still be sent (max_tasks_per_child), None: no limit
-        self.overdue = None   # the job it was stopped for, past its timeout
+        self.journal = journal  # shared memory: frames it wrote and may not have sent
+        self.jobs = deque()     # sent, not yet answered, in running order: jobs[0].start is running
+        self.msgs = deque()     # how many of those tasks each message in flight still holds
+        self.since = 0.0        # when jobs[0].start started
+        self.ready = False      # has said it is ready (worker_init done)
+        self.open = True        # may be sent more work
+        self.eof = False        # its end of the pipe is closed
+        self.left = max_tasks   # tasks it may still be sent (max_tasks_per_child), None: no limit
+        self.overdue = None     # (owner, slot) of the task it was stopped for, past its timeout
+        self.received = 0       # frames read from its pipe
         self._buf = b""
-        self._big = None      # a large frame being read, and how much of it has arrived
+        self._big = None        # a large frame being read, and how much of it has arrived
         self._have = 0
 
     def send(self, body):
@@ -477,8 +605,9 @@ class _Worker:
             raise EOFError
         buf = self._buf + data if self._buf else data
         frames, pos, end = [], 0, len(buf)
+        unpack = _HEADER.unpack_from
         while end - pos >= 8:
-            n = _HEADER.unpack_from(buf, pos)[0]
+            n = unpack(buf, pos)[0]
             if pos + 8 + n > end:
                 if n >= _BIG_FRAME:
                     self._big = bytearray(n)
@@ -502,7 +631,7 @@ class _Pool:
         self.max_tasks = max_tasks
         self.workers = []
         self.pending = deque()   # jobs waiting for a worker
-        self.parked = None       # (jobs, message): too large to prefetch, waits for an idle worker
+        self.parked = None       # (jobs, count, message): too large to prefetch, waits for an idle worker
         self.inbox = deque()     # (item, ok, value) of finished submitted tasks, for take()
         self.avg = None          # smoothed seconds per task, as the workers measure it
         self.closed = False
@@ -600,22 +729,23 @@ class _Pool:
     def _send_work(self, w):
         if self.parked is not None:
             if w.msgs:
-                return
-            jobs, message = self.parked
+                return  # nothing more is prefetched until the parked message is on its way
+            jobs, count, message = self.parked
             self.parked = None
-            if w.left is not None and len(jobs) > w.left:  # too many for this worker: rebatch
+            if w.left is not None and count > w.left:  # too many for this worker: batch again
                 self.pending.extendleft(reversed(jobs))
                 return self._send_work(w)
         else:
-            jobs = self._next_batch(w)
+            jobs, count = self._next_batch(w)
             message = self._pickle_batch(jobs)
             if message is None:
                 return
+            count = sum(j.stop - j.start for j in jobs)  # some may have been dropped
             if w.msgs and len(message) > _PREFETCH_BYTES:
-                self.parked = (jobs, message)
+                self.parked = (jobs, count, message)
                 return
         w.jobs.extend(jobs)
-        w.msgs.append(len(jobs))
+        w.msgs.append(count)
         if len(w.msgs) == 1:
             w.since = monotonic()
         try:
@@ -628,7 +758,7 @@ class _Pool:
             self.pending.extendleft(reversed(jobs))
             return
         if w.left is not None:
-            w.left -= len(jobs)
+            w.left -= count
             if w.left == 0:  # max_tasks_per_child: it exits after these, and is replaced
                 w.open = False
                 try:
@@ -637,37 +767,71 @@ class _Pool:
                     pass
 
     def _next_batch(self, w):
+        """Take the next tasks off the queue: as many as make a few milliseconds of work."""
         n = 1
         if self.avg is not None:
-            n = min(_MAX_BATCH, int(_BATCH_SECONDS / max(self.avg, 1e-7)),
-                    ceil(len(self.pending) / (2 * self.size)))
+            n = max(1, min(_MAX_BATCH, int(_BATCH_SECONDS / max(self.avg, 1e-7)),
+                           ceil(self._pending_count() / (2 * self.size))))
         if w.left is not None:
             n = min(n, w.left)
-        pending = self.pending
-        if n <= 1:
-            return [pending.popleft()]
-        return [pending.popleft() for _ in range(min(n, len(pending)))]
+        jobs, count, pending = [], 0, self.pending
+        while pending and count < n:
+            job = pending[0]
+            size = job.stop - job.start
+            if size <= n - count:
+                jobs.append(pending.popleft())
+                count += size
+            else:  # split it: the front travels now, the rest stays queued
+                take = n - count
+                jobs.append(_Job(job.owner, job.start, job.start + take))
+                job.start += take
+                count = n
+        return jobs, count
+
+    def _pending_count(self):
+        count = 0
+        for job in self.pending:
+            count += job.stop - job.start
+            if count > 2 * self.size * _MAX_BATCH:
+                break  # enough to know no cap applies
+        return count
 
     def _pickle_batch(self, jobs):
         """The message for these jobs, or None if none of them can be pickled."""
+        each = any(j.owner.timeout is not None for j in jobs)
+        entries = []
+        for job in jobs:
+            if job.payload is not None:
+                entries.append(job.payload)
+            elif job.owner.plain:
+                entries.extend([(t.f, t.args, t.kwargs) for t in job.owner.items[job.start:job.stop]])
+            else:
+                entries.extend([_entry(t) for t in job.owner.items[job.start:job.stop]])
         try:
-            return ForkingPickler.dumps([j.payload or (j.task.f, j.task.args, j.task.kwargs) for j in jobs])
+            return ForkingPickler.dumps((each, entries))
         except Exception:
             pass
         # Some task can't travel: pickle them one by one, fail that one, send the others.
-        good = []
+        singles = []
         for job in jobs:
-            try:
-                job.payload = job.payload or _pickle_task(job.task)
-                good.append(job)
-            except TypeError as exc:
-                failure = _Failure.of(exc)
-                if isinstance(job.owner, _Call):
-                    job.owner.abort(failure)  # execute() raises it: a task that can't be sent is bad input
-                else:
-                    self._finish(job, False, failure)
-        jobs[:] = good
-        return ForkingPickler.dumps([j.payload for j in good]) if good else None
+            for slot in range(job.start, job.stop):
+                single = self._single(job.owner, slot, job.payload)
+                if single is not None:
+                    singles.append(single)
+        jobs[:] = singles
+        return ForkingPickler.dumps((each, [j.payload for j in singles])) if singles else None
+
+    def _single(self, owner, slot, payload=None):
+        """A job of one task, pickled alone; None if it can't be, and then it has failed."""
+        try:
+            return _Job(owner, slot, slot + 1, payload or _pickle_task(_entry_task(owner.items[slot])))
+        except _UnpicklableError as exc:
+            failure = _Failure.of(exc)
+            if isinstance(owner, _Call):
+                owner.abort(failure)  # execute() raises it: a task that can't be sent is bad input
+            else:
+                owner.deliver(slot, False, failure)
+            return None
 
     def cancel(self, call):
         """Forget the jobs of an aborted execute(): those queued now, and the results of the rest."""
@@ -687,66 +851,117 @@ class _Pool:
             self._index()
             return
         for frame in frames:
-            self._on_frame(w, frame, now)
+            self._take(w, frame, now)
 
-    def _on_frame(self, w, frame, now):
-        try:
-            kind, value, seconds = pickle.loads(frame)
-        except Exception as exc:  # a result the parent can't unpickle: an error of that task
-            kind, value, seconds = _FAILED, _describe(exc), 0.0
-        if kind == _DONE or kind == _FAILED:
-            job = w.jobs.popleft()
-            msgs = w.msgs
-            msgs[0] -= 1
-            if not msgs[0]:
-                msgs.popleft()
-            w.since = now
-            self.avg = seconds if self.avg is None else self.avg + 0.2 * (seconds - self.avg)
-            if kind == _DONE:
-                self._finish(job, True, value)
+    def _take(self, w, frame, now):
+        """Deliver the answers in one of a worker's frames: the hot path, a few C calls per frame."""
+        count, plain, spent = _ANSWERS.unpack_from(frame, 0)
+        if spent >= 0:
+            self.avg = spent if self.avg is None else self.avg + 0.3 * (spent - self.avg)
+        w.received += count
+        data_at = _ANSWERS.size + 8 * count
+        if plain:  # all are results: unpickle them at once
+            stream = io.BytesIO(frame)
+            stream.seek(data_at)
+            try:
+                values = list(map(methodcaller("load"), repeat(pickle.Unpickler(stream), count)))
+            except Exception:
+                pass  # one of them can't be unpickled here: go one by one, below
             else:
-                self._finish(job, False, _Failure(*value))
-        elif kind == _READY:
+                return self._deliver(w, values, now)
+        start = data_at
+        for end_kind in struct.unpack_from(f"<{count}Q", frame, _ANSWERS.size):
+            stop = data_at + (end_kind >> 3)
+            self._take_one(w, end_kind & 7, frame[start:stop], now)
+            start = stop
+
+    def _deliver(self, w, values, now):
+        """Results of the tasks at the front of w.jobs, in order."""
+        jobs, i, n = w.jobs, 0, len(values)
+        while i < n:
+            job = jobs[0]
+            owner, start = job.owner, job.start
+            k = min(n - i, job.stop - start)
+            if owner.plain:
+                if not owner.cancelled:
+                    owner.results[start:start + k] = values[i:i + k]
+                    owner.left -= k
+            else:
+                for j in range(k):
+                    self._finish(owner, start + j, True, values[i + j])
+            job.start = start + k
+            if job.start == job.stop:
+                jobs.popleft()
+            i += k
+        self._answered(w, n, now)
+
+    def _take_one(self, w, kind, blob, now):
+        try:
+            value = pickle.loads(blob)
+        except Exception as exc:  # a result the parent can't unpickle: an error of that task
+            value = _describe(exc)
+            kind = _FAILED
+        if kind == _DONE:
+            return self._deliver(w, [value], now)
+        if kind == _FAILED:
+            job = w.jobs[0]
+            slot = job.start
+            job.start += 1
+            if job.start == job.stop:
+                w.jobs.popleft()
+            self._answered(w, 1, now)
+            return self._finish(job.owner, slot, False, _Failure(*value))
+        if kind == _READY:
             w.ready = True
             w.since = now
             self._boot_deaths = 0
         elif kind == _INIT_FAILED:
             raise RuntimeError(f"worker_init {_short(self.init)} failed in a worker process:\n{value}")
         else:  # _UNREADABLE: a task in that message can't be unpickled there; send them one by one
-            jobs = [w.jobs.popleft() for _ in range(w.msgs.popleft())]
+            count = w.msgs.popleft()
+            singles = []
+            while count:
+                job = w.jobs[0]
+                singles.append(self._single(job.owner, job.start, job.payload))
+                job.start += 1
+                if job.start == job.stop:
+                    w.jobs.popleft()
+                count -= 1
             w.since = now
-            for job in reversed(jobs):
-                try:
-                    job.payload = job.payload or _pickle_task(job.task)
-                except TypeError as exc:
-                    self._finish(job, False, _Failure.of(exc))
-                    continue
-                self.pending.appendleft(job)
+            self.pending.extendleft(reversed([j for j in singles if j is not None]))
 
-    def _finish(self, job, ok, value):
-        if ok and job.chain is not None:
+    def _answered(self, w, n, now):
+        """n more tasks of w's messages are done; the next one started now."""
+        w.since = now
+        msgs = w.msgs
+        while n:
+            if msgs[0] <= n:
+                n -= msgs.popleft()
+            else:
+                msgs[0] -= n
+                n = 0
+
+    def _finish(self, owner, slot, ok, value):
+        item = owner.items[slot]
+        if ok and isinstance(item, TaskChain):
             try:
-                step = _next_step(job.chain, value)
+                step = _next_step(item, value)
             except Exception as exc:
                 ok, value = False, _Failure(*_describe(exc))
             else:
-                if step is not None:
-                    job.task, job.chain = (step.task, step) if isinstance(step, TaskChain) else (step, None)
-                    job.payload = None
-                    self.pending.appendleft(job)
+                if step is not None:  # the chain goes on, ahead of the queue
+                    owner.items[slot] = step
+                    self.pending.appendleft(_Job(owner, slot, slot + 1))
                     return
-        owner = job.owner
-        if owner is None:
-            self.inbox.append((job.slot, ok, value))
-        elif not owner.cancelled:
-            owner.deliver(job.slot, ok, value)
+        owner.deliver(slot, ok, value)
 
     # -- workers coming and going --------------------------------------------------------------
 
     def _spawn(self):
         conn, child_conn = self.ctx.Pipe()
+        journal = self.ctx.RawArray("B", _JOURNAL_SIZE)
         process = self.ctx.Process(target=_worker_main, name="mplite-worker",
-                                   args=(child_conn, self._lifeline, self._lifeline_end, self.init))
+                                   args=(child_conn, journal, self._lifeline, self._lifeline_end, self.init))
         # Block Ctrl-C while starting: the new process inherits the mask, and stays deaf to
         # SIGINT until the worker loop ignores it, so no worker prints a KeyboardInterrupt.
         old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
@@ -755,7 +970,7 @@ class _Pool:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
             child_conn.close()
-        self.workers.append(_Worker(process, conn, self.max_tasks))
+        self.workers.append(_Worker(process, conn, journal, self.max_tasks))
         self._index()
 
     def _reap(self, w, now):
@@ -763,25 +978,32 @@ class _Pool:
         while not w.eof and wait([w.fd], 0):
             self._read(w, now)
         w.process.join()
+        for number, kind, blob in _journal_answers(w.journal):
+            if number >= w.received:  # finished and written down, never sent
+                w.received += 1
+                self._take_one(w, kind, blob, now)
         w.conn.close()
         self.workers.remove(w)
         self._index()
         if not self.closed:
             self._missing += 1
         code = w.process.exitcode
-        if w.overdue is not None and w.jobs and w.jobs[0] is not w.overdue:
+        jobs = [j for j in w.jobs if j.start < j.stop]
+        if w.overdue is not None and jobs and (jobs[0].owner, jobs[0].start) != w.overdue:
             # The overdue task finished as it was stopped; the next one had barely begun.
-            self.pending.extendleft(reversed(w.jobs))
-        elif w.jobs:
-            job = w.jobs.popleft()
-            if job is w.overdue:
-                error = TimeoutError(f"{_short(job.task)} did not finish within {job.timeout} s; "
+            self.pending.extendleft(reversed(jobs))
+        elif jobs:
+            owner, slot = jobs[0].owner, jobs[0].start
+            task = _entry_task(owner.items[slot])
+            if w.overdue is not None:
+                error = TimeoutError(f"{_short(task)} did not finish within {owner.timeout} s; "
                                      f"its worker process was stopped")
             else:
                 error = ChildProcessError(f"the worker process (pid {w.process.pid}) running "
-                                          f"{_short(job.task)} {_exit_reason(code)}")
-            self.pending.extendleft(reversed(w.jobs))  # never started: they run elsewhere
-            self._finish(job, False, _Failure.of(error))
+                                          f"{_short(task)} {_exit_reason(code)}")
+            jobs[0].start += 1
+            self.pending.extendleft(reversed([j for j in jobs if j.start < j.stop]))  # never started
+            self._finish(owner, slot, False, _Failure.of(error))
         elif not w.ready:
             # It died while starting. Killed from outside: start another, within reason.
             # Exited by itself: it will again (say, the main module fails to import).
@@ -793,19 +1015,19 @@ class _Pool:
     def _time_to_next_timeout(self, now):
         soonest = None
         for w in self.workers:
-            if w.jobs and w.ready and w.overdue is None and w.jobs[0].timeout is not None:
-                left = w.since + w.jobs[0].timeout - now
+            if w.jobs and w.ready and w.overdue is None and w.jobs[0].owner.timeout is not None:
+                left = w.since + w.jobs[0].owner.timeout - now
                 soonest = left if soonest is None else min(soonest, left)
         return None if soonest is None else max(0.0, soonest)
 
     def _stop_overdue(self, now):
         for w in self.workers:
             if w.jobs and w.ready and w.overdue is None:
-                limit = w.jobs[0].timeout
-                if limit is not None and now - w.since >= limit:
-                    w.overdue = w.jobs[0]
+                head = w.jobs[0]
+                if head.owner.timeout is not None and now - w.since >= head.owner.timeout:
+                    w.overdue = (head.owner, head.start)
                     w.open = False
-                    w.process.kill()  # _reap gives the job its TimeoutError
+                    w.process.kill()  # _reap gives the task its TimeoutError
 
     def _index(self):
         keys = {w.sentinel: w for w in self.workers}
@@ -869,6 +1091,8 @@ def _describe(exc):
     tb = exc.__traceback__
     tb = tb and tb.tb_next  # the first frame is ours, where the task was called
     text = "".join(traceback.format_exception(type(exc), exc, tb)).rstrip("\n")
+    # A spawned worker runs the main script as __mp_main__: name its classes as the parent does.
+    text = text.replace("\n__mp_main__.", "\n")
     if not text.startswith("Traceback"):
         text = "Traceback (most recent call last):\n" + text
     frames = [(fs.filename, fs.lineno, fs.name) for fs in traceback.extract_tb(tb)]
@@ -922,6 +1146,15 @@ def _next_step(chain, result):
     if step is not None and not isinstance(step, (Task, TaskChain)):
         raise TypeError(f"next_task returned {type(step).__name__}; expected a Task, TaskChain or None")
     return step
+
+
+def _entry_task(item):
+    return item.task if isinstance(item, TaskChain) else item
+
+
+def _entry(item):
+    task = _entry_task(item)
+    return task.f, task.args, task.kwargs
 
 
 def _pickle_task(task):
