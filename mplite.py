@@ -318,6 +318,7 @@ _BIG_FRAME = 1 << 20  # a frame larger than this is read straight into its own b
 # it without blocking. A large message waits for an idle worker, which is reading, never writing:
 # so the parent never blocks sending to a worker that is itself blocked sending a large result.
 _PREFETCH_BYTES = 1 << 16
+_PREFETCH_SLACK = 0.001
 # Batch sizing: short tasks travel together, aiming at this much work per message; a task that
 # takes longer travels alone, so load balancing is not lost.
 _BATCH_SECONDS = 0.004
@@ -715,16 +716,29 @@ class _Pool:
     # -- sending work --------------------------------------------------------------------------
 
     def dispatch(self):
-        """Give work to idle workers first, then one more message to each busy one."""
+        """Give work to idle workers first, then one more message to each busy one that is on time."""
         while self._missing and not self.closed:
             self._missing -= 1
             self._spawn()
-        for depth in (0, 1):
-            for w in self.workers:
-                if not (self.pending or self.parked):
-                    return
-                if w.ready and w.open and len(w.msgs) == depth:
-                    self._send_work(w)
+        for w in self.workers:
+            if not (self.pending or self.parked):
+                return
+            if w.ready and w.open and not w.msgs:
+                self._send_work(w)
+        now = monotonic()
+        for w in self.workers:
+            if not (self.pending or self.parked):
+                return
+            if w.ready and w.open and len(w.msgs) == 1 and self._on_time(w, now):
+                self._send_work(w)
+
+    def _on_time(self, w, now):
+        """Is w's work going as fast as tasks have gone so far? Then it will soon want more.
+
+        A task sent ahead waits behind the one running, and can't be taken back if another
+        worker falls idle first; so only workers that aren't stuck on a long task get one.
+        """
+        return self.avg is not None and now - w.since <= 2 * self.avg * w.msgs[0] + _PREFETCH_SLACK
 
     def _send_work(self, w):
         if self.parked is not None:
