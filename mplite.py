@@ -21,6 +21,7 @@ Standard library only, Python 3.8+, POSIX (Linux, macOS). MIT licence.
 import atexit
 import io
 import itertools
+import linecache
 import os
 import pickle
 import reprlib
@@ -187,10 +188,10 @@ class TaskManager:
         pool = self._running()
         tasks = _task_list(tasks)
         timeout = self.timeout if timeout is _DEFAULT else _seconds(timeout, "timeout")
+        bar = _progress_bar(len(tasks), tqdm, pbar, progress and bool(tasks))
         if not tasks:
             return []
         call = _Call(tasks, timeout, raise_errors=self.error_mode == "exception")
-        bar = _progress_bar(len(tasks), tqdm, pbar, progress)
         pool.avg = None  # a new call may bring tasks of another size: measure afresh
         pool.pending.append(_Job(call, 0, len(tasks)))
         try:
@@ -206,6 +207,8 @@ class TaskManager:
 
     def map(self, f, iterable, *, progress=False, timeout=_DEFAULT):
         """``execute([Task(f, x) for x in iterable])``: the results of f(x), in order."""
+        if not callable(f):
+            raise TypeError(f"map needs a callable, not {f!r}")
         return self.execute([Task(f, x) for x in iterable], progress=progress, timeout=timeout)
 
     def submit(self, task, *, timeout=_DEFAULT):
@@ -642,6 +645,8 @@ class _Pool:
         self._boot_deaths = 0
 
     def start(self):
+        if self.init is not None and self.ctx.get_start_method() != "fork":
+            _pickle_task(self.init)  # say which init can't travel, before starting anything
         self._lifeline, self._lifeline_end = self.ctx.Pipe(duplex=False)
         atexit.register(self.close)
         try:
@@ -1127,11 +1132,14 @@ def _rebuild_traceback(frames):
 
     For each frame, compile a `raise` placed at the same line of the same file, name its code
     after the function, and run it: the frame it leaves behind is a stand-in for the worker's.
+    The `raise` is padded to the length of the real line, so that tracebacks underline nothing.
     """
     tb = None
     for filename, lineno, name in reversed(frames):
         lineno = lineno or 1
-        code = compile("\n" * (lineno - 1) + "raise _RebuiltFrame", filename, "exec")
+        width = len(linecache.getline(filename, lineno).rstrip())
+        stand_in = "raise (_RebuiltFrame" + " " * max(0, width - 21) + ")"
+        code = compile("\n" * (lineno - 1) + stand_in, filename, "exec")
         try:
             exec(code.replace(co_name=name), {"_RebuiltFrame": _RebuiltFrame})
         except _RebuiltFrame as marker:
@@ -1242,6 +1250,10 @@ def _seconds(value, name, zero_ok=False):
 # ---------------------------------------------------------------------------------------------
 
 def _progress_bar(total, tqdm, pbar, progress):
+    if pbar is not None and not callable(getattr(pbar, "update", None)):
+        raise TypeError(f"pbar must have an update(n) method; {type(pbar).__name__} has none")
+    if tqdm is not None and not callable(tqdm):
+        raise TypeError(f"tqdm must be a tqdm-like class, not {tqdm!r}")
     if pbar is not None:
         return pbar
     if not progress:
@@ -1267,6 +1279,7 @@ class _ProgressBar:
         self.n = 0
         self.start = self.drawn = monotonic()
         self.tty = _isatty(self.file)
+        self.width = 0
         self.interval = 0.1 if self.tty else 5.0
         try:
             self._UNICODE.encode(getattr(self.file, "encoding", None) or "ascii")
@@ -1291,7 +1304,11 @@ class _ProgressBar:
     def _draw(self, now):
         self.drawn = now
         line = self.format(self.n, self.total, now - self.start)
-        self._write("\r" + line if self.tty else line + "\n")
+        if self.tty:  # pad, to cover a longer line drawn before
+            line, self.width = "\r" + line.ljust(self.width), max(self.width, len(line))
+        else:
+            line += "\n"
+        self._write(line)
 
     def _write(self, text):
         try:
