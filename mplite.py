@@ -41,7 +41,7 @@ from multiprocessing.connection import wait
 from multiprocessing.context import BaseContext
 from multiprocessing.reduction import ForkingPickler
 from operator import methodcaller
-from time import monotonic, perf_counter
+from time import monotonic
 
 __version__ = "2.0.0"
 __all__ = ["Task", "TaskChain", "TaskManager"]
@@ -307,10 +307,11 @@ _HEADER = struct.Struct("<Q")  # frame length, both ways; a zero-length message 
 _ANSWERS = struct.Struct("<I?d")  # a worker's frame starts: answers, all results?, seconds per task
 _DONE, _FAILED, _READY, _INIT_FAILED, _UNREADABLE = range(5)  # the kinds of answer
 
-# The journal, in shared memory: the number of its first answer; for each answer, where it ends
-# and its kind (end << 3 | kind; 0 where none is written yet); then the pickled answers.
+# The journal, in shared memory: the number of its first answer; how many messages the worker
+# has read; for each answer, where it ends and its kind (end << 3 | kind; 0 where none is
+# written yet); then the pickled answers.
 _ENTRIES = 4096
-_ENDS_AT = 8
+_ENDS_AT = 16
 _DATA_AT = _ENDS_AT + 8 * _ENTRIES
 _JOURNAL_SIZE = _DATA_AT + (1 << 20)
 _FLUSH_SECONDS = 0.02  # the answers of a long message reach the parent at least this often
@@ -321,7 +322,6 @@ _BIG_FRAME = 1 << 20  # a frame larger than this is read straight into its own b
 # it without blocking. A large message waits for an idle worker, which is reading, never writing:
 # so the parent never blocks sending to a worker that is itself blocked sending a large result.
 _PREFETCH_BYTES = 1 << 16
-_PREFETCH_SLACK = 0.001
 # Batch sizing: short tasks travel together, aiming at this much work per message; a task that
 # takes longer travels alone, so load balancing is not lost.
 _BATCH_SECONDS = 0.004
@@ -347,6 +347,7 @@ def _worker_main(conn, journal, lifeline, lifeline_end, init):
         message = _receive_frame(fd)
         if not message:  # asked to exit, or the parent is gone
             return
+        out.note_received()
         try:
             each, batch = pickle.loads(message)
         except BaseException:
@@ -366,6 +367,7 @@ class _Outbox:
         mem = memoryview(journal).cast("B")
         self.fd = fd
         self.number = 0  # of the journal's first answer: answers sent so far
+        self.messages = 0  # read from the parent
         self.head = mem[:_ENDS_AT]
         self.ends = mem[_ENDS_AT:_DATA_AT]
         self.data = mem[_DATA_AT:]
@@ -409,6 +411,11 @@ class _Outbox:
                 plain = True
                 flushed = monotonic()
         self.flush(count, end, plain, (monotonic() - started) / len(batch))  # this sizes later batches
+
+    def note_received(self):
+        """Tell the parent, should this process die, that the tasks of the message just read began."""
+        self.messages += 1
+        _HEADER.pack_into(self.head, 8, self.messages)
 
     def post(self, kind, value):
         """Send an answer that is not a task's: ready, init failed, unreadable message."""
@@ -463,10 +470,6 @@ def _exit_when_closed(lifeline):
             lifeline.recv_bytes()
     except (EOFError, OSError):
         os._exit(1)
-
-
-def _dumps(obj):
-    return pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
 
 
 def _send_frame(fd, body):
@@ -585,7 +588,8 @@ class _Worker:
         self.eof = False        # its end of the pipe is closed
         self.left = max_tasks   # tasks it may still be sent (max_tasks_per_child), None: no limit
         self.overdue = None     # (owner, slot) of the task it was stopped for, past its timeout
-        self.received = 0       # frames read from its pipe
+        self.received = 0       # answers read from its pipe
+        self.sent = 0           # messages of tasks sent to it
         self._buf = b""
         self._big = None        # a large frame being read, and how much of it has arrived
         self._have = 0
@@ -743,7 +747,7 @@ class _Pool:
         A task sent ahead waits behind the one running, and can't be taken back if another
         worker falls idle first; so only workers that aren't stuck on a long task get one.
         """
-        return self.avg is not None and now - w.since <= 2 * self.avg * w.msgs[0] + _PREFETCH_SLACK
+        return self.avg is not None and now - w.since <= 2 * self.avg * w.msgs[0]
 
     def _send_work(self, w):
         if self.parked is not None:
@@ -776,6 +780,7 @@ class _Pool:
             w.open = False
             self.pending.extendleft(reversed(jobs))
             return
+        w.sent += 1
         if w.left is not None:
             w.left -= count
             if w.left == 0:  # max_tasks_per_child: it exits after these, and is replaced
@@ -1008,7 +1013,12 @@ class _Pool:
             self._missing += 1
         code = w.process.exitcode
         jobs = [j for j in w.jobs if j.start < j.stop]
-        if w.overdue is not None and jobs and (jobs[0].owner, jobs[0].start) != w.overdue:
+        began = _HEADER.unpack_from(memoryview(w.journal).cast("B"), 8)[0] > w.sent - len(w.msgs)
+        if jobs and not began:
+            # It died before reading the message of the task at the head (killed while idle,
+            # say): none of these tasks began.
+            self.pending.extendleft(reversed(jobs))
+        elif w.overdue is not None and jobs and (jobs[0].owner, jobs[0].start) != w.overdue:
             # The overdue task finished as it was stopped; the next one had barely begun.
             self.pending.extendleft(reversed(jobs))
         elif jobs:
@@ -1118,7 +1128,7 @@ def _describe(exc):
     try:
         blob = pickle.dumps(exc, pickle.HIGHEST_PROTOCOL)
         pickle.loads(blob)  # some exceptions pickle but can't be rebuilt (a different __init__)
-    except Exception:
+    except BaseException:
         blob = None
     return text, blob, frames
 

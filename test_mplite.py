@@ -1,17 +1,22 @@
-"""Tests of mplite's core API, through the public API only: real processes, real pipes, no mocks.
+"""Tests of mplite through its public API only: real processes, real signals, real pipes, no mocks.
 
 Functions used as tasks live at module level: spawn and forkserver workers import this file as the
 module ``test_mplite`` (pytest puts its folder on sys.path, which the workers inherit; a test checks it).
 Every test runs under a watchdog, so a hang ends the run with tracebacks instead of blocking CI.
 """
 import ast
+import contextlib
+import ctypes
 import faulthandler
 import functools
+import gc
 import inspect
 import multiprocessing
 import os
 import pickle
+import random
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -19,6 +24,8 @@ import tempfile
 import threading
 import time
 import traceback
+import weakref
+from collections import Counter
 
 import pytest
 
@@ -1139,3 +1146,1414 @@ def test_sigkilled_worker_is_reported_and_replaced(method, tmp_path):
             killed = int(fh.read())
         pids = pids_seen_eventually(tm, 2)  # the replacement may still be booting
         assert len(pids) == 2 and killed not in pids
+
+# =============================================================================================
+# Fault injection: dead workers, timeouts, unpicklable data, Ctrl-C, a dying parent, a soak.
+#
+# Every manager made by _fault_pool gets a worker_init that appends the worker's pid to a file
+# in the test's tmp_path: the pids in that file still running are exactly that pool's live,
+# initialised workers, whatever other pools exist, and the file proves that worker_init runs
+# again in replacement workers. Calls that could hang run under SIGALRM deadlines
+# (_fault_deadline) or subprocess timeouts.
+# =============================================================================================
+
+_FAULT_REPO = os.path.dirname(os.path.abspath(__file__))
+_FAULT_METHODS = ["spawn", "fork"]
+_FAULT_KINDS = ["SIGKILL", "SIGSEGV", "exit3", "SIGABRT"]
+_FAULT_SINGLETONS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+_FAULT_SEEN_PIDS = set()  # every worker pid any test here has seen; all must be gone at the end
+
+
+# ---------------------------------------------------------------------------------------------
+# Task functions (module level, picklable)
+# ---------------------------------------------------------------------------------------------
+
+def _fault_append(path, line):
+    """Append one line with a single O_APPEND write (atomic between processes)."""
+    fd = os.open(str(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def _fault_init_record(path):
+    _fault_append(path, str(os.getpid()))
+
+
+def _fault_init_raise(path, message):
+    _fault_append(path, str(os.getpid()))
+    raise ValueError(message)
+
+
+def _fault_init_exit(path):
+    _fault_append(path, str(os.getpid()))
+    os._exit(1)
+
+
+def _fault_work(i, delay=0.0, log=None):
+    if log:
+        _fault_append(log, str(i))
+    if delay:
+        time.sleep(delay)
+    return i * 10 + 1
+
+
+def _fault_work_pid(i, log):
+    _fault_append(log, "%d %d" % (i, os.getpid()))
+    return i * 10 + 1, os.getpid()
+
+
+def _fault_identity(*args, **kwargs):
+    return args, kwargs
+
+
+def _fault_sleep(seconds, value):
+    time.sleep(seconds)
+    return value
+
+
+def _fault_tiny(i, bad=-1):
+    if i == bad:
+        raise ValueError("bad-%d" % i)
+    return i * 3
+
+
+def _fault_tiny_logged(i, log, die_at=-1, slow_at=-1):
+    if i == die_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(10)
+    if i == slow_at:
+        time.sleep(20)
+    _fault_append(log, str(i))
+    return i * 3
+
+
+def _fault_square(i):
+    return i * i
+
+
+def _fault_soak_task(i, log):
+    _fault_append(log, str(i))
+    time.sleep(0.0005)
+    return i * 7 + 3
+
+
+def _fault_die(kind, pid_file=None):
+    """Kill the worker running this task, in the way `kind` says."""
+    if pid_file:
+        _fault_append(pid_file, str(os.getpid()))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core files anywhere
+    faulthandler.disable()  # fork workers inherit pytest's faulthandler; keep their stderr quiet
+    if kind == "SIGKILL":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif kind == "SIGSEGV":
+        ctypes.string_at(0)
+    elif kind == "exit3":
+        os._exit(3)
+    elif kind == "SIGABRT":
+        os.abort()
+    time.sleep(10)
+    return "survived %s" % kind
+
+
+def _fault_freeze():
+    os.kill(os.getpid(), signal.SIGSTOP)  # a hung worker: stopped, not dead
+    return "thawed"
+
+
+def _fault_big_result_then_die(n_bytes, delay):
+    """Return a large result, and SIGKILL this worker `delay` s later: before, while or after the
+    result travels to the parent (the test sweeps delays; every outcome must be handled)."""
+    def kill_later():
+        time.sleep(delay)
+        os.kill(os.getpid(), signal.SIGKILL)
+    data = b"x" * n_bytes
+    threading.Thread(target=kill_later, daemon=True).start()
+    return data
+
+
+def _fault_sys_exit(code):
+    sys.exit(code)
+
+
+def _fault_marker_sleep(folder, seconds):
+    open(os.path.join(folder, "%d.started" % os.getpid()), "w").close()
+    time.sleep(seconds)
+    return seconds
+
+
+def _fault_return_lambda():
+    return lambda: 1
+
+
+def _fault_return_lock():
+    return threading.Lock()
+
+
+class _FaultLockedError(Exception):
+    """Can't be pickled: it holds a lock."""
+
+    def __init__(self, message):
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+class _FaultTwoArgError(Exception):
+    """Pickles, but can't be rebuilt: unpickling calls _FaultTwoArgError(message) -> missing argument."""
+
+    def __init__(self, a, b):
+        super().__init__("two-arg-failure %s %s" % (a, b))
+
+
+def _fault_raise_locked(message):
+    raise _FaultLockedError(message)
+
+
+def _fault_raise_two_arg(a, b):
+    raise _FaultTwoArgError(a, b)
+
+
+def _fault_next_none(prev_task, result):  # TaskChain next_task: end the chain
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+class _FaultHang(BaseException):
+    """Raised by _fault_deadline when a call does not return in time (a hang, not slowness)."""
+
+
+@contextlib.contextmanager
+def _fault_deadline(seconds, what="the call"):
+    """Interrupt the main thread with _FaultHang if the block takes longer than `seconds`."""
+    def on_alarm(signum, frame):
+        raise _FaultHang("hang: %s had not returned after %s s" % (what, seconds))
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _fault_lines(path):
+    try:
+        with open(str(path)) as fh:
+            return fh.read().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def _fault_pids_in(path):
+    pids = {int(x.split()[0]) for x in _fault_lines(path) if x.strip()}
+    _FAULT_SEEN_PIDS.update(pids)
+    return pids
+
+
+def _fault_alive(pid):
+    """True while pid exists and is not a zombie."""
+    try:
+        with open("/proc/%d/stat" % pid) as fh:
+            stat = fh.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2:].split()[0] not in ("Z", "X", "x")
+
+
+def _fault_wait_dead(pids, limit, what):
+    """Bounded poll until none of pids runs; fail (naming them) otherwise."""
+    pids = set(pids)
+    _FAULT_SEEN_PIDS.update(pids)
+    deadline = time.monotonic() + limit
+    while any(_fault_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    alive = sorted(p for p in pids if _fault_alive(p))
+    assert not alive, "%s: pids still running after %s s: %s" % (what, limit, alive)
+
+
+def _fault_live_workers(init_path):
+    return {p for p in _fault_pids_in(init_path) if _fault_alive(p)}
+
+
+def _fault_wait_pool(tm, init_path, n_workers, exact_inits=None, min_inits=None, exclude=(), limit=30):
+    """Bounded poll until the pool has exactly n_workers live, initialised workers (none of
+    `exclude`), and its worker_init ran exact_inits / at least min_inits times. Returns the pids.
+
+    The manager is given a one-task execute() per round: mplite's engine runs inside the calls made
+    to it (no thread of its own), so a replacement worker is started during the next call."""
+    deadline = time.monotonic() + limit
+    while True:
+        inits = _fault_lines(init_path)
+        live = _fault_live_workers(init_path)
+        ok = (len(live) == n_workers and not live & set(exclude)
+              and (exact_inits is None or len(inits) == exact_inits)
+              and (min_inits is None or len(inits) >= min_inits))
+        if ok:
+            return live
+        if time.monotonic() > deadline:
+            pytest.fail("pool did not get back to %d live initialised workers within %s s: live=%s, "
+                        "worker_init ran %d times (expected %s), excluded/dead pids=%s"
+                        % (n_workers, limit, sorted(live), len(inits),
+                           exact_inits if exact_inits is not None else ">= %s" % min_inits,
+                           sorted(exclude)))
+        with _fault_deadline(30, "a one-task execute"):
+            assert tm.execute([Task(_fault_work, 0)], progress=False) == [1]
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def _fault_pool(method, init_path, cpu_count=2, **kwargs):
+    """A started manager whose workers record their pids in init_path; stopped (bounded) on exit,
+    after which every worker it ever had must be gone."""
+    tm = TaskManager(cpu_count=cpu_count, context=method,
+                     worker_init=Task(_fault_init_record, str(init_path)), **kwargs)
+    with _fault_deadline(60, "start()"):
+        tm.start()
+    try:
+        yield tm
+    finally:
+        with _fault_deadline(30, "stop()"):
+            tm.stop()
+        _fault_wait_dead(_fault_pids_in(init_path), 10, "workers after stop()")
+
+
+def _fault_check_error_str(res, *needles):
+    assert isinstance(res, str), "expected an error string, got %r" % (res,)
+    assert res.startswith("Traceback (most recent call last):"), res
+    assert not res.endswith("\n"), repr(res[-80:])
+    for needle in needles:
+        assert needle in res, "%r not in error text:\n%s" % (needle, res)
+    return res.splitlines()[-1]
+
+
+def _fault_check_death_text(text, kind):
+    """The text of a task whose worker died: names the task and the cause."""
+    assert "_fault_die" in text, "the error does not name the task:\n%s" % text
+    if kind == "SIGKILL":
+        assert "SIGKILL" in text, text
+        assert "possibly out of memory" in text, text
+    elif kind in ("SIGSEGV", "SIGABRT"):
+        assert kind in text, text
+    elif kind == "exit3":
+        assert re.search(r"exit", text, re.I) and re.search(r"\b3\b", text), text
+    else:  # pragma: no cover
+        raise AssertionError(kind)
+
+
+def _fault_check_death_str(res, kind):
+    last = _fault_check_error_str(res)
+    assert last.startswith("ChildProcessError"), res
+    _fault_check_death_text(res, kind)
+
+
+def _fault_proc_table(with_pgrp=False):
+    """{pid: (ppid, state)} (or (ppid, state, pgrp)) from /proc."""
+    table = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name) as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        table[int(name)] = (int(fields[1]), fields[0]) + ((int(fields[2]),) if with_pgrp else ())
+    return table
+
+
+def _fault_cmdline(pid):
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _fault_descendants(root=None):
+    """{pid: state} of every descendant of root (default: this process), zombies included, walking
+    through (but not listing) multiprocessing's own singletons (resource tracker, forkserver)."""
+    root = os.getpid() if root is None else root
+    table = _fault_proc_table()
+    children = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = {}, list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        if not any(m in _fault_cmdline(pid) for m in _FAULT_SINGLETONS):
+            found[pid] = table[pid][1]
+    return found
+
+
+def _fault_wait_files(folder, suffix, n, limit=60):
+    deadline = time.monotonic() + limit
+    while True:
+        names = [x for x in os.listdir(str(folder)) if x.endswith(suffix)]
+        if len(names) >= n:
+            return names
+        if time.monotonic() > deadline:
+            pytest.fail("only %d of %d %s files in %s after %s s" % (len(names), n, suffix, folder, limit))
+        time.sleep(0.02)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. A worker dies mid-task; sys.exit inside a task
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fault_method", _FAULT_METHODS + ["forkserver"])
+def test_fault_worker_death_str_mode(fault_method, tmp_path):
+    init, dead = tmp_path / "init.txt", tmp_path / "dead.txt"
+    with _fault_pool(fault_method, init) as tm:
+        # SIGKILL, segfault, os._exit(3), abort: each in the middle of good tasks
+        tasks, kinds_at, i = [], {}, 0
+        for kind in _FAULT_KINDS:
+            for _ in range(3):
+                tasks.append(Task(_fault_work, i, 0.02))
+                i += 1
+            kinds_at[len(tasks)] = kind
+            tasks.append(Task(_fault_die, kind, str(dead)))
+        tasks += [Task(_fault_work, i + k, 0.02) for k in range(3)]
+        with _fault_deadline(60, "execute"):
+            res = tm.execute(tasks, progress=False)
+        assert len(res) == len(tasks)
+        for at, kind in kinds_at.items():
+            _fault_check_death_str(res[at], kind)
+        assert [r for k, r in enumerate(res) if k not in kinds_at] == [j * 10 + 1 for j in range(i + 3)]
+
+        # the same through submit / as_completed, with open_tasks tracked
+        ok_ids = {tm.submit(Task(_fault_work, 100 + k, 0.02)): 100 + k for k in range(3)}
+        die_ids = {tm.submit(Task(_fault_die, kind, str(dead))): kind for kind in _FAULT_KINDS}
+        assert tm.open_tasks == 7
+        got = {}
+        with _fault_deadline(60, "as_completed"):
+            for task, result in tm.as_completed(timeout=50):
+                assert task.id not in got
+                got[task.id] = result
+        assert tm.open_tasks == 0
+        assert set(got) == set(ok_ids) | set(die_ids)
+        for tid, k in ok_ids.items():
+            assert got[tid] == k * 10 + 1
+        for tid, kind in die_ids.items():
+            _fault_check_death_str(got[tid], kind)
+
+        dead_pids = _fault_pids_in(dead)
+        assert len(dead_pids) == 8
+        # the pool keeps 2 workers: the dead ones were replaced and worker_init ran in the new ones
+        _fault_wait_pool(tm, init, 2, exact_inits=10, exclude=dead_pids)
+        with _fault_deadline(60, "execute"):
+            assert tm.execute([Task(_fault_work, k) for k in range(10)], progress=False) == \
+                [k * 10 + 1 for k in range(10)]
+
+
+@pytest.mark.parametrize("fault_method", _FAULT_METHODS)
+def test_fault_worker_death_exception_mode(fault_method, tmp_path):
+    init, dead = tmp_path / "init.txt", tmp_path / "dead.txt"
+    with _fault_pool(fault_method, init, error_mode="exception") as tm:
+        queued = {tm.submit(Task(_fault_work, 50 + k, 0.02)): 50 + k for k in range(3)}
+        for kind in _FAULT_KINDS:
+            tasks = [Task(_fault_work, 1), Task(_fault_die, kind, str(dead)), Task(_fault_work, 2)]
+            with _fault_deadline(60, "execute"):
+                with pytest.raises(ChildProcessError) as excinfo:
+                    tm.execute(tasks, progress=False)
+            _fault_check_death_text(str(excinfo.value), kind)
+            assert tm.open_tasks == 3, "a failed execute changed open_tasks"
+            with _fault_deadline(60, "execute"):  # usable, and no stale results
+                assert tm.execute([Task(_fault_work, i) for i in range(5)], progress=False) == \
+                    [i * 10 + 1 for i in range(5)]
+        got = {}
+        with _fault_deadline(60, "as_completed"):
+            for task, result in tm.as_completed(timeout=50):
+                got[task.id] = result
+        assert got == {tid: k * 10 + 1 for tid, k in queued.items()}
+        # take() raises it too, and the task counts as taken
+        tm.submit(Task(_fault_die, "SIGKILL", str(dead)))
+        with _fault_deadline(60, "take"):
+            with pytest.raises(ChildProcessError, match="SIGKILL"):
+                tm.take(timeout=None)
+        assert tm.open_tasks == 0
+        dead_pids = _fault_pids_in(dead)
+        assert len(dead_pids) == 5
+        _fault_wait_pool(tm, init, 2, min_inits=7, exclude=dead_pids)
+
+
+@pytest.mark.parametrize("fault_method", _FAULT_METHODS)
+def test_fault_sys_exit_is_an_ordinary_task_error(fault_method, tmp_path):
+    init = tmp_path / "init.txt"
+    with _fault_pool(fault_method, init) as tm:
+        with _fault_deadline(60, "execute"):
+            res = tm.execute([Task(_fault_work, 0), Task(_fault_sys_exit, 42), Task(_fault_work, 1),
+                              Task(_fault_sys_exit, 0), Task(_fault_work, 2)], progress=False)
+        assert [res[0], res[2], res[4]] == [1, 11, 21]
+        assert _fault_check_error_str(res[1]).startswith("SystemExit"), res[1]
+        assert "42" in res[1].splitlines()[-1], res[1]
+        assert _fault_check_error_str(res[3]).startswith("SystemExit"), res[3]
+        with _fault_deadline(60, "execute"):
+            assert tm.execute([Task(_fault_work, i) for i in range(4)], progress=False) == [1, 11, 21, 31]
+        # the workers survived: no replacement happened
+        assert len(_fault_lines(init)) == 2
+        assert len(_fault_live_workers(init)) == 2
+
+    init2 = tmp_path / "init2.txt"
+    with _fault_pool(fault_method, init2, error_mode="exception") as tm:
+        with _fault_deadline(60, "execute"):
+            with pytest.raises(SystemExit) as excinfo:
+                tm.execute([Task(_fault_work, 0), Task(_fault_sys_exit, 42)], progress=False)
+        assert excinfo.value.code == 42
+        with _fault_deadline(60, "execute"):
+            with pytest.raises(SystemExit) as excinfo:
+                tm.execute([Task(_fault_sys_exit, 0)], progress=False)
+        assert excinfo.value.code == 0
+        with _fault_deadline(60, "execute"):
+            assert tm.execute([Task(_fault_work, i) for i in range(4)], progress=False) == [1, 11, 21, 31]
+        assert len(_fault_lines(init2)) == 2
+        assert len(_fault_live_workers(init2)) == 2
+
+
+@pytest.mark.parametrize("fault_method,rounds", [("spawn", 3), ("fork", 10)])
+def test_fault_idle_workers_killed_from_outside(fault_method, rounds, tmp_path):
+    """Workers SIGKILLed while idle (say, by the OOM killer) ran no task: they must cost none.
+
+    Each round kills both idle workers and calls execute() right away, so the engine may send work
+    before it has noticed the deaths: tasks that never started must be run elsewhere, not charged."""
+    init = tmp_path / "init.txt"
+    with _fault_pool(fault_method, init) as tm:
+        killed = set()
+        for r in range(rounds):
+            pids = _fault_wait_pool(tm, init, 2, exact_inits=2 + 2 * r, exclude=killed)
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            killed |= pids
+            with _fault_deadline(60, "execute after idle workers were killed"):
+                res = tm.execute([Task(_fault_work, i, 0.01) for i in range(6)], progress=False)
+            assert res == [i * 10 + 1 for i in range(6)], \
+                "round %d: a task that never started was charged with an idle worker's death: %r" % (r, res)
+        _fault_wait_dead(killed, 10, "killed idle workers")
+        _fault_wait_pool(tm, init, 2, exact_inits=2 + 2 * rounds, exclude=killed)
+
+
+@pytest.mark.parametrize("fault_method", _FAULT_METHODS)
+def test_fault_frozen_workers(fault_method, tmp_path):
+    """A worker stopped with SIGSTOP neither answers nor dies: a timeout and stop() must still work."""
+    init = tmp_path / "init.txt"
+    with _fault_pool(fault_method, init) as tm:
+        with _fault_deadline(60, "execute with a frozen worker"):
+            res = tm.execute([Task(_fault_freeze), Task(_fault_work, 1)], progress=False, timeout=1.0)
+        assert _fault_check_error_str(res[0]).startswith("TimeoutError"), res[0]
+        assert res[1] == 11
+        pids = _fault_wait_pool(tm, init, 2, exact_inits=3)
+        tm.submit(Task(_fault_freeze))
+        tm.submit(Task(_fault_freeze))
+        deadline = time.monotonic() + 30
+        while not any(_fault_proc_table().get(p, (0, "?"))[1] == "T" for p in pids):
+            assert time.monotonic() < deadline, "no worker froze"
+            with _fault_deadline(30, "take(timeout=0.05)"):
+                assert tm.take(timeout=0.05) is None
+        # leaving the with block: stop() with a frozen worker (bounded by _fault_pool)
+    _fault_wait_dead(pids, 10, "frozen workers after stop()")
+
+
+@pytest.mark.parametrize("fault_method,delays", [("spawn", (0.15, 0.3)),
+                                                 ("fork", (0.0, 0.1, 0.15, 0.2, 0.25, 0.35))])
+def test_fault_worker_dies_while_sending_a_large_result(fault_method, delays, tmp_path):
+    n = 100 * 1000 * 1000
+    with _fault_pool(fault_method, tmp_path / "init.txt") as tm:
+        for delay in delays:
+            with _fault_deadline(60, "execute (delay %s)" % delay):
+                res = tm.execute([Task(_fault_work, 1), Task(_fault_big_result_then_die, n, delay),
+                                  Task(_fault_work, 2)], progress=False)
+            assert res[0] == 11 and res[2] == 21
+            if isinstance(res[1], str):  # died before the whole result was through: its error
+                _fault_check_error_str(res[1], "SIGKILL", "_fault_big_result_then_die")
+            else:  # or the result got through intact
+                assert isinstance(res[1], bytes) and len(res[1]) == n and res[1] == b"x" * n
+            res = None
+        with _fault_deadline(60, "execute"):
+            assert tm.execute([Task(_fault_work, i) for i in range(4)], progress=False) == [1, 11, 21, 31]
+
+
+@pytest.mark.parametrize("fault_method", _FAULT_METHODS)
+def test_fault_exception_mode_cancelled_call_leaves_no_stale_results(fault_method, tmp_path):
+    """execute() raises at the first failure while other tasks of that call still run: their late
+    results must not show up in the next call, nor in take()."""
+    with _fault_pool(fault_method, tmp_path / "init.txt", error_mode="exception") as tm:
+        sub = tm.submit(Task(_fault_sleep, 0.5, "submitted"))
+        with _fault_deadline(60, "execute"):
+            with pytest.raises(ValueError, match="^bad-0$"):
+                tm.execute([Task(_fault_sleep, 0.6, "stale-a"), Task(_fault_tiny, 0, 0),
+                            Task(_fault_sleep, 0.6, "stale-b"), Task(_fault_sleep, 0.6, "stale-c")],
+                           progress=False)
+        assert tm.open_tasks == 1
+        with _fault_deadline(60, "execute"):
+            assert tm.execute([Task(_fault_sleep, 0.3, "fresh-%d" % i) for i in range(4)], progress=False) == \
+                ["fresh-%d" % i for i in range(4)]
+        got = []
+        with _fault_deadline(60, "as_completed"):
+            for task, result in tm.as_completed(timeout=50):
+                got.append((task.id, result))
+        assert got == [(sub, "submitted")]
+        assert tm.open_tasks == 0
+        with _fault_deadline(10, "take"):
+            assert tm.take(timeout=0.5) is None
+
+
+def test_fault_workers_killed_while_booting(tmp_path):
+    """spawn workers take a while to boot: SIGKILL the first two as soon as they exist, before they
+    are ready. start() must still give a working pool (killed from outside: start others)."""
+    init = tmp_path / "init.txt"
+    before = set(_fault_descendants())
+    killed, stop = [], threading.Event()
+
+    def killer():
+        deadline = time.monotonic() + 30
+        while not stop.is_set() and len(killed) < 2 and time.monotonic() < deadline:
+            for pid, state in _fault_descendants().items():
+                if (pid not in before and pid not in killed and state not in ("Z", "X") and len(killed) < 2
+                        and "multiprocessing.spawn" in _fault_cmdline(pid)):  # a spawn worker, booting
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(pid)
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    tm = TaskManager(cpu_count=2, context="spawn", worker_init=Task(_fault_init_record, str(init)))
+    thread.start()
+    try:
+        with _fault_deadline(60, "start() while its workers are killed"):
+            tm.start()
+    finally:
+        stop.set()
+        thread.join(5)
+    try:
+        assert len(killed) == 2, killed
+        _FAULT_SEEN_PIDS.update(killed)
+        assert not set(killed) & _fault_pids_in(init), "(test timing) a worker was killed after its init"
+        with _fault_deadline(60, "execute"):
+            assert tm.execute([Task(_fault_work, i) for i in range(6)], progress=False) == \
+                [i * 10 + 1 for i in range(6)]
+        live = _fault_wait_pool(tm, init, 2, exclude=killed)
+        assert not live & set(killed)
+    finally:
+        with _fault_deadline(30, "stop()"):
+            tm.stop()
+    _fault_wait_dead(set(killed) | _fault_pids_in(init), 10, "workers after stop()")
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Per-task timeouts
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fault_method", _FAULT_METHODS)
+def test_fault_timeout_manager_default(fault_method, tmp_path):
+    init = tmp_path / "init.txt"
+    with _fault_pool(fault_method, init, timeout=1.0) as tm:
+        tasks = [Task(_fault_work, i, 0.05) for i in range(6)]
+        tasks.insert(2, Task(_fault_sleep, 20, "slow"))
+        with _fault_deadline(60, "execute"):
+            res = tm.execute(tasks, progress=False)
+        assert _fault_check_error_str(res[2]).startswith("TimeoutError"), res[2]
+        assert res[:2] + res[3:] == [i * 10 + 1 for i in range(6)]
+        # the worker running the overdue task was killed and replaced, with worker_init
+        _fault_wait_pool(tm, init, 2, exact_inits=3)
+
+        # submit() uses the default too; a per-call override wins
+        slow = tm.submit(Task(_fault_sleep, 20, "slow"))
+        fast = tm.submit(Task(_fault_sleep, 1.5, "allowed"), timeout=10)
+        got = {}
+        with _fault_deadline(60, "as_completed"):
+            for task, result in tm.as_completed(timeout=50):
+                got[task.id] = result
+        assert tm.open_tasks == 0
+        assert got[fast] == "allowed"
+        assert _fault_check_error_str(got[slow]).startswith("TimeoutError"), got[slow]
+
+
+@pytest.mark.parametrize("fault_method", _FAULT_METHODS)
+def test_fault_timeout_per_call_override(fault_method, tmp_path):
+    init = tmp_path / "init.txt"
+    with _fault_pool(fault_method, init) as tm:  # no default timeout
+        tasks = [Task(_fault_work, 0), Task(_fault_sleep, 20, "slow"), Task(_fault_work, 1)]
+        with _fault_deadline(60, "execute"):
+            res = tm.execute(tasks, progress=False, timeout=0.8)
+        assert res[0] == 1 and res[2] == 11
+        assert _fault_check_error_str(res[1]).startswith("TimeoutError"), res[1]
+        # the override was for that call only
+        with _fault_deadline(60, "execute"):
+            assert tm.execute([Task(_fault_sleep, 1.2, "ok")], progress=False) == ["ok"]
+        slow = tm.submit(Task(_fault_sleep, 20, "slow"), timeout=0.8)
+        fast = tm.submit(Task(_fault_work, 3))
+        got = {}
+        with _fault_deadline(60, "as_completed"):
+            for task, result in tm.as_completed(timeout=50):
+                got[task.id] = result
+        assert got[fast] == 31
+        assert _fault_check_error_str(got[slow]).startswith("TimeoutError"), got[slow]
+        _fault_wait_pool(tm, init, 2, exact_inits=4)
+
+    with _fault_pool(fault_method, tmp_path / "init2.txt", error_mode="exception") as tm:
+        with _fault_deadline(60, "execute"):
+            with pytest.raises(TimeoutError):
+                tm.execute([Task(_fault_work, 0), Task(_fault_sleep, 20, "slow")], progress=False, timeout=0.8)
+        with _fault_deadline(60, "execute"):
+            assert tm.execute([Task(_fault_work, i) for i in range(3)], progress=False) == [1, 11, 21]
+        tm.submit(Task(_fault_sleep, 20, "slow"), timeout=0.5)
+        with _fault_deadline(60, "take"):
+            with pytest.raises(TimeoutError):
+                tm.take(timeout=None)
+        assert tm.open_tasks == 0
+
+
+@pytest.mark.parametrize("fault_method", _FAULT_METHODS)
+def test_fault_timeout_counts_from_task_start(fault_method, tmp_path):
+    # one worker, six 0.4 s tasks: the last starts ~2 s after submission, yet none is over 1 s
+    with _fault_pool(fault_method, tmp_path / "init.txt", cpu_count=1, timeout=1.0) as tm:
+        with _fault_deadline(60, "execute"):
+            res = tm.execute([Task(_fault_sleep, 0.4, i) for i in range(6)], progress=False)
+        assert res == list(range(6))
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. max_tasks_per_child
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fault_method", _FAULT_METHODS)
+def test_fault_max_tasks_per_child(fault_method, tmp_path):
+    init, log = tmp_path / "init.txt", tmp_path / "log.txt"
+    n, per_child = 20, 3
+    with _fault_pool(fault_method, init, max_tasks_per_child=per_child) as tm:
+        with _fault_deadline(90, "execute"):
+            res = tm.execute([Task(_fault_work_pid, i, str(log)) for i in range(n)], progress=False)
+        assert [r[0] for r in res] == [i * 10 + 1 for i in range(n)]
+        runs = Counter(int(line.split()[0]) for line in _fault_lines(log))
+        assert runs == Counter(range(n)), "tasks lost or run twice: %s" % runs
+        per_pid = Counter(r[1] for r in res)
+        assert max(per_pid.values()) <= per_child, per_pid
+        assert len(per_pid) >= -(-n // per_child), per_pid
+        assert set(per_pid) <= _fault_pids_in(init), "a worker ran tasks without worker_init"
+
+        # submitted tasks too
+        log2 = tmp_path / "log2.txt"
+        ids = {tm.submit(Task(_fault_work_pid, i, str(log2))): i for i in range(10)}
+        got = {}
+        with _fault_deadline(90, "as_completed"):
+            for task, result in tm.as_completed(timeout=80):
+                got[task.id] = result
+        assert tm.open_tasks == 0
+        assert {tid: r[0] for tid, r in got.items()} == {tid: i * 10 + 1 for tid, i in ids.items()}
+        assert Counter(int(x.split()[0]) for x in _fault_lines(log2)) == Counter(range(10))
+        per_pid = Counter(r[1] for r in list(res) + list(got.values()))
+        assert max(per_pid.values()) <= per_child, per_pid
+        assert set(per_pid) <= _fault_pids_in(init)
+        _fault_wait_pool(tm, init, 2, min_inits=len(per_pid))
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Unpicklable functions, arguments, return values and exceptions
+# ---------------------------------------------------------------------------------------------
+
+def _fault_bad_tasks(fh):
+    def _fault_local_function():
+        return 1
+    lock = threading.Lock()
+    return [
+        (Task(lambda: 1), "<lambda>"),
+        (Task(_fault_local_function), "_fault_local_function"),
+        (Task(_fault_identity, fh), "_fault_identity"),
+        (Task(_fault_identity, lock), "_fault_identity"),
+        (Task(_fault_identity, 1, key=lock), "_fault_identity"),
+        (TaskChain(Task(_fault_identity, lock)), "_fault_identity"),
+    ]
+
+
+@pytest.mark.parametrize("fault_method", _FAULT_METHODS)
+def test_fault_unpicklable_tasks_are_refused(fault_method, tmp_path):
+    with open(str(tmp_path / "file.txt"), "w") as fh, _fault_pool(fault_method, tmp_path / "init.txt") as tm:
+        queued = {tm.submit(Task(_fault_work, i, 0.05)): i for i in range(4)}
+        for task, name in _fault_bad_tasks(fh):
+            with pytest.raises(TypeError) as excinfo:
+                tm.submit(task)
+            assert isinstance(excinfo.value, pickle.PicklingError), type(excinfo.value).__mro__
+            assert name in str(excinfo.value), "the error does not name the task: %s" % excinfo.value
+        assert tm.open_tasks == 4
+        for task, name in _fault_bad_tasks(fh):
+            with _fault_deadline(30, "execute"):
+                with pytest.raises(TypeError) as excinfo:
+                    tm.execute([Task(_fault_work, 1), task], progress=False)
+            assert isinstance(excinfo.value, pickle.PicklingError)
+            assert name in str(excinfo.value), str(excinfo.value)
+        # a chain's next_task runs in the parent: it need not be picklable
+        with _fault_deadline(30, "execute"):
+            assert tm.execute([TaskChain(Task(_fault_work, 2), lambda prev, result: None)],
+                              progress=False) == [21]
+        got = {}
+        with _fault_deadline(60, "as_completed"):
+            for task, result in tm.as_completed(timeout=50):
+                got[task.id] = result
+        assert got == {tid: i * 10 + 1 for tid, i in queued.items()}, "queued work was lost"
+        assert tm.open_tasks == 0
+        with _fault_deadline(30, "execute"):
+            assert tm.execute([Task(_fault_work, i) for i in range(3)], progress=False) == [1, 11, 21]
+
+
+@pytest.mark.parametrize("fault_method", _FAULT_METHODS)
+def test_fault_unpicklable_results_and_exceptions_str_mode(fault_method, tmp_path):
+    with _fault_pool(fault_method, tmp_path / "init.txt") as tm:
+        tasks = [Task(_fault_work, 0), Task(_fault_return_lambda), Task(_fault_work, 1),
+                 Task(_fault_return_lock), Task(_fault_work, 2),
+                 Task(_fault_raise_locked, "locked-boom-17"), Task(_fault_work, 3),
+                 Task(_fault_raise_two_arg, "x", "y"), Task(_fault_work, 4)]
+        with _fault_deadline(60, "execute"):
+            res = tm.execute(tasks, progress=False)
+        assert [res[i] for i in (0, 2, 4, 6, 8)] == [1, 11, 21, 31, 41]
+        for i in (1, 3):
+            _fault_check_error_str(res[i])
+            assert "pickle" in res[i].lower(), res[i]
+        _fault_check_error_str(res[5], "_FaultLockedError", "locked-boom-17")
+        _fault_check_error_str(res[7], "_FaultTwoArgError", "two-arg-failure x y")
+        # the same through submit/take
+        for task in tasks[1::2]:
+            tm.submit(task)
+        out = []
+        with _fault_deadline(60, "take"):
+            while tm.open_tasks:
+                out.append(tm.take(timeout=None))
+        assert len(out) == 4 and all(isinstance(x, str) and x.startswith("Traceback") for x in out), out
+        with _fault_deadline(30, "execute"):
+            assert tm.execute([Task(_fault_work, i) for i in range(3)], progress=False) == [1, 11, 21]
+
+
+@pytest.mark.parametrize("fault_method", _FAULT_METHODS)
+def test_fault_unpicklable_results_and_exceptions_exception_mode(fault_method, tmp_path):
+    with _fault_pool(fault_method, tmp_path / "init.txt", error_mode="exception") as tm:
+        for func in (_fault_return_lambda, _fault_return_lock):
+            with _fault_deadline(60, "execute"):
+                with pytest.raises(Exception) as excinfo:
+                    tm.execute([Task(_fault_work, 0), Task(func), Task(_fault_work, 1)], progress=False)
+            assert "pickle" in str(excinfo.value).lower(), repr(excinfo.value)
+            with _fault_deadline(30, "execute"):
+                assert tm.execute([Task(_fault_work, i) for i in range(3)], progress=False) == [1, 11, 21]
+        cases = [(Task(_fault_raise_locked, "locked-boom-17"), "_FaultLockedError", "locked-boom-17"),
+                 (Task(_fault_raise_two_arg, "x", "y"), "_FaultTwoArgError", "two-arg-failure x y")]
+        for task, type_name, text in cases:
+            with _fault_deadline(60, "execute"):
+                with pytest.raises(Exception) as excinfo:
+                    tm.execute([Task(_fault_work, 0), task], progress=False)
+            assert text in str(excinfo.value), str(excinfo.value)
+            assert type_name in str(excinfo.value), str(excinfo.value)
+            assert isinstance(excinfo.value, RuntimeError), \
+                "spec: an exception that can't be pickled/rebuilt arrives as RuntimeError, got %r" % excinfo.value
+            with _fault_deadline(30, "execute"):
+                assert tm.execute([Task(_fault_work, i) for i in range(3)], progress=False) == [1, 11, 21]
+            tm.submit(task)
+            with _fault_deadline(60, "take"):
+                with pytest.raises(RuntimeError, match=re.escape(text)):
+                    tm.take(timeout=None)
+            assert tm.open_tasks == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. A failing worker_init
+# ---------------------------------------------------------------------------------------------
+
+def _fault_check_failed_start(tm, init, fault_method):
+    # no processes left behind
+    _fault_wait_dead(_fault_pids_in(init), 5, "workers of a pool whose worker_init failed")
+    assert not [p for p in multiprocessing.active_children() if p.pid in _fault_pids_in(init)]
+    leftovers = {p: s for p, s in _fault_descendants().items() if s not in ("Z", "X")}
+    active = {p.pid for p in multiprocessing.active_children()}
+    assert set(leftovers) <= active, "processes left behind: %s" % leftovers  # (others' pools only)
+    # no endless respawn
+    n_inits = len(_fault_lines(init))
+    assert 1 <= n_inits <= 10, n_inits
+    time.sleep(1.0)
+    assert len(_fault_lines(init)) == n_inits, "workers are still being started after start() failed"
+    # the manager is not running
+    with _fault_deadline(30, "execute on a manager whose start failed"):
+        with pytest.raises(RuntimeError):
+            tm.execute([Task(_fault_work, 1)], progress=False)
+    with _fault_deadline(30, "stop"):
+        tm.stop()
+
+
+@pytest.mark.parametrize("fault_method", _FAULT_METHODS)
+def test_fault_worker_init_raises(fault_method, tmp_path):
+    init = tmp_path / "init.txt"
+    tm = TaskManager(cpu_count=2, context=fault_method,
+                     worker_init=Task(_fault_init_raise, str(init), "init-boom-7431"))
+    with _fault_deadline(60, "start() with a failing worker_init"):
+        with pytest.raises(RuntimeError) as excinfo:
+            tm.start()
+    message = str(excinfo.value)
+    assert "init-boom-7431" in message, message
+    assert "ValueError" in message, message
+    assert "_fault_init_raise" in message, "the init's traceback is not in the message:\n" + message
+    _fault_check_failed_start(tm, init, fault_method)
+    # trying again fails the same way, without hanging
+    with _fault_deadline(60, "second start()"):
+        with pytest.raises(RuntimeError, match="init-boom-7431"):
+            tm.start()
+    _fault_wait_dead(_fault_pids_in(init), 5, "workers of a pool whose worker_init failed twice")
+
+
+@pytest.mark.parametrize("fault_method", _FAULT_METHODS)
+def test_fault_worker_init_exits(fault_method, tmp_path):
+    init = tmp_path / "init.txt"
+    tm = TaskManager(cpu_count=2, context=fault_method, worker_init=Task(_fault_init_exit, str(init)))
+    with _fault_deadline(60, "start() with a worker_init that calls os._exit(1)"):
+        with pytest.raises(RuntimeError):
+            tm.start()
+    _fault_check_failed_start(tm, init, fault_method)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6./7./8. Ctrl-C, a SIGKILLed parent, a manager left open at exit (child scripts)
+# ---------------------------------------------------------------------------------------------
+
+_FAULT_SCRIPT = r'''
+import multiprocessing, os, sys, time, traceback
+sys.path.insert(0, @@REPO@@)
+import mplite
+
+
+def fault_long(marker_dir, seconds):
+    open(os.path.join(marker_dir, "%d.started" % os.getpid()), "w").close()
+    time.sleep(seconds)
+    return seconds
+
+
+def fault_quick(x):
+    return x + 1
+
+
+def fault_init_sleep(marker_dir):
+    open(os.path.join(marker_dir, "%d.started" % os.getpid()), "w").close()
+    time.sleep(30)
+
+
+def write_pids(marker_dir):
+    pids = sorted(p.pid for p in multiprocessing.active_children())
+    tmp = os.path.join(marker_dir, "pids.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(" ".join(map(str, pids)))
+    os.replace(tmp, os.path.join(marker_dir, "pids.txt"))
+
+
+def main():
+    scenario, method, marker_dir = sys.argv[1:4]
+    if scenario == "ctrlc-start":  # Ctrl-C while start() waits for the workers' worker_init
+        tm = mplite.TaskManager(cpu_count=2, context=method,
+                                worker_init=mplite.Task(fault_init_sleep, marker_dir))
+        try:
+            tm.start()
+        except KeyboardInterrupt:
+            traceback.print_exc()
+            sys.stderr.flush()
+            try:
+                tm.submit(mplite.Task(fault_quick, 1))
+            except RuntimeError:
+                print("STOPPED-OK", flush=True)
+            else:
+                print("NOT-STOPPED", flush=True)
+            sys.exit(130)
+        print("NO-KEYBOARDINTERRUPT", flush=True)
+        sys.exit(3)
+    tm = mplite.TaskManager(cpu_count=3, context=method)  # 2 busy workers, 1 idle
+    tm.start()
+    write_pids(marker_dir)
+    if scenario.startswith("ctrlc"):
+        try:
+            if scenario == "ctrlc-execute":
+                tm.execute([mplite.Task(fault_long, marker_dir, 60) for _ in range(2)], progress=False)
+            else:
+                for _ in range(2):
+                    tm.submit(mplite.Task(fault_long, marker_dir, 60))
+                tm.take(timeout=None)
+        except KeyboardInterrupt:
+            traceback.print_exc()
+            sys.stderr.flush()
+            try:
+                tm.submit(mplite.Task(fault_quick, 1))
+            except RuntimeError:
+                print("STOPPED-OK", flush=True)
+            else:
+                print("NOT-STOPPED", flush=True)
+            sys.exit(130)
+        print("NO-KEYBOARDINTERRUPT", flush=True)
+        sys.exit(3)
+    elif scenario == "parent-kill":
+        for _ in range(2):
+            tm.submit(mplite.Task(fault_long, marker_dir, 60))
+        print("READY", flush=True)
+        time.sleep(120)
+    elif scenario == "exit-open":
+        assert tm.execute([mplite.Task(fault_quick, i) for i in range(10)], progress=False) == list(range(1, 11))
+        tm.submit(mplite.Task(fault_long, marker_dir, 60))
+        deadline = time.time() + 30
+        while not any(n.endswith(".started") for n in os.listdir(marker_dir)) and time.time() < deadline:
+            time.sleep(0.02)
+        print("LEAVING", flush=True)
+        # falls off the end with the manager still running
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+class _FaultScript:
+    """The child script above, in its own session (so its process group is what a terminal sees)."""
+
+    def __init__(self, tmp_path, scenario, method):
+        self.dir = tmp_path / "markers"
+        self.dir.mkdir()
+        script = tmp_path / "fault_child.py"
+        script.write_text(_FAULT_SCRIPT.replace("@@REPO@@", repr(_FAULT_REPO)))
+        self.out_path, self.err_path = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+        with open(str(self.out_path), "w") as out, open(str(self.err_path), "w") as err:
+            self.proc = subprocess.Popen([sys.executable, str(script), scenario, method, str(self.dir)],
+                                         stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                         cwd=str(tmp_path), start_new_session=True)
+        self.pids = set()
+
+    def worker_pids(self, n_started, pid_file=True):
+        if pid_file:
+            _fault_wait_files(self.dir, "pids.txt", 1)
+        _fault_wait_files(self.dir, ".started", n_started)
+        if pid_file:
+            self.pids = {int(x) for x in (self.dir / "pids.txt").read_text().split()}
+        self.pids |= {int(x.split(".")[0]) for x in os.listdir(str(self.dir)) if x.endswith(".started")}
+        _FAULT_SEEN_PIDS.update(self.pids)
+        return self.pids
+
+    def wait(self, limit=30):
+        try:
+            self.proc.wait(limit)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the child script did not exit within %s s (hang)\nstdout:\n%s\nstderr:\n%s"
+                        % (limit, self.stdout, self.stderr))
+        return self.proc.returncode
+
+    def assert_group_gone(self, limit=5):
+        """Bounded poll until no process of the script's process group runs (multiprocessing's own
+        resource tracker / forkserver aside: they go when their pipe from the script closes)."""
+        deadline = time.monotonic() + limit
+        while True:
+            left = {pid: _fault_cmdline(pid) for pid, (ppid, state, pgrp) in _fault_proc_table(True).items()
+                    if pgrp == self.proc.pid and state not in ("Z", "X", "x")
+                    and not any(m in _fault_cmdline(pid) for m in _FAULT_SINGLETONS)}
+            if not left:
+                return
+            assert time.monotonic() < deadline, "processes of the script left behind: %s" % left
+            time.sleep(0.05)
+
+    @property
+    def stdout(self):
+        return self.out_path.read_text()
+
+    @property
+    def stderr(self):
+        return self.err_path.read_text()
+
+    def cleanup(self):
+        """Whatever the outcome, leave nothing running."""
+        for pid in self.pids:
+            if _fault_alive(pid):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(Exception):
+            self.proc.wait(10)
+
+
+@pytest.mark.parametrize("scenario,fault_method", [("ctrlc-execute", "spawn"), ("ctrlc-execute", "fork"),
+                                                   ("ctrlc-execute", "forkserver"),
+                                                   ("ctrlc-take", "spawn"), ("ctrlc-take", "fork"),
+                                                   ("ctrlc-start", "spawn"), ("ctrlc-start", "fork")])
+def test_fault_ctrl_c(scenario, fault_method, tmp_path):
+    child = _FaultScript(tmp_path, scenario, fault_method)
+    try:
+        if scenario == "ctrlc-start":  # both workers are in worker_init, start() waits for them
+            pids = child.worker_pids(2, pid_file=False)
+            assert len(pids) == 2, pids
+        else:  # two workers are running a task, the third is idle
+            pids = child.worker_pids(2)
+            assert len(pids) == 3, pids
+        os.killpg(child.proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        rc = child.wait(30)
+        out, err = child.stdout, child.stderr
+        report = "rc=%s\nstdout:\n%s\nstderr:\n%s" % (rc, out, err)
+        assert rc == 130, report
+        assert "STOPPED-OK" in out, "the manager was not left stopped\n" + report
+        ki_lines = [line for line in err.splitlines() if line.startswith("KeyboardInterrupt")]
+        assert len(ki_lines) == 1, "expected exactly one KeyboardInterrupt traceback\n" + report
+        assert err.count("Traceback (most recent call last)") == 1, report
+        assert not re.search(r"^Process \S+:$", err, re.M), "a worker printed a traceback\n" + report
+        _fault_wait_dead(pids, 5, "workers after Ctrl-C")
+        child.assert_group_gone()
+    finally:
+        child.cleanup()
+
+
+@pytest.mark.parametrize("fault_method,signame", [("spawn", "SIGKILL"), ("fork", "SIGKILL"),
+                                                  ("forkserver", "SIGKILL"), ("spawn", "SIGTERM")])
+def test_fault_parent_killed(fault_method, signame, tmp_path):
+    child = _FaultScript(tmp_path, "parent-kill", fault_method)
+    try:
+        pids = child.worker_pids(2)  # 2 busy workers, 1 idle
+        assert len(pids) == 3, pids
+        os.kill(child.proc.pid, getattr(signal, signame))  # SIGTERM: Python's default, no cleanup runs
+        child.wait(10)
+        _fault_wait_dead(pids, 5, "workers of a parent killed by " + signame)
+        child.assert_group_gone()
+    finally:
+        child.cleanup()
+
+
+@pytest.mark.parametrize("fault_method", _FAULT_METHODS)
+def test_fault_manager_left_open_at_interpreter_exit(fault_method, tmp_path):
+    child = _FaultScript(tmp_path, "exit-open", fault_method)
+    try:
+        pids = child.worker_pids(1)  # one worker busy with a 60 s task, two idle
+        rc = child.wait(30)
+        report = "rc=%s\nstdout:\n%s\nstderr:\n%s" % (rc, child.stdout, child.stderr)
+        assert rc == 0 and "LEAVING" in child.stdout, report
+        assert "Traceback" not in child.stderr, report
+        _fault_wait_dead(pids, 5, "workers of a manager left open at exit")
+        child.assert_group_gone()
+    finally:
+        child.cleanup()
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. stop() with work in flight, take() while workers die, garbage collection
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fault_method", _FAULT_METHODS)
+def test_fault_stop_with_running_and_queued_tasks(fault_method, tmp_path):
+    init = tmp_path / "init.txt"
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    tm = TaskManager(cpu_count=2, context=fault_method, worker_init=Task(_fault_init_record, str(init)))
+    with _fault_deadline(60, "start()"):
+        tm.start()
+    try:
+        for _ in range(6):  # 2 running, 4 queued
+            tm.submit(Task(_fault_marker_sleep, str(markers), 30))
+        _fault_wait_files(markers, ".started", 2)
+        pids = _fault_pids_in(init)
+        with _fault_deadline(30, "stop() with tasks running"):
+            tm.stop()
+        _fault_wait_dead(pids, 10, "running workers after stop()")
+        calls = {
+            "execute": lambda: tm.execute([Task(_fault_work, 1)], progress=False),
+            "submit": lambda: tm.submit(Task(_fault_work, 1)),
+            "map": lambda: tm.map(_fault_work, [1]),
+            "take": lambda: tm.take(),
+            "take(None)": lambda: tm.take(timeout=None),
+            "as_completed": lambda: list(tm.as_completed()),
+        }
+        for name, call in calls.items():
+            with _fault_deadline(10, name + " on a stopped manager"):
+                with pytest.raises(RuntimeError):
+                    call()
+        with _fault_deadline(30, "second stop()"):
+            tm.stop()  # idempotent
+        with _fault_deadline(60, "start() after stop()"):
+            tm.start()
+        assert tm.open_tasks == 0, "the restarted pool still counts discarded tasks"
+        with _fault_deadline(60, "execute after restart"):
+            assert tm.execute([Task(_fault_work, i) for i in range(4)], progress=False) == [1, 11, 21, 31]
+        assert tm.take() is None
+        assert len(_fault_live_workers(init)) == 2
+    finally:
+        with _fault_deadline(30, "stop()"):
+            tm.stop()
+    _fault_wait_dead(_fault_pids_in(init), 10, "workers after the final stop()")
+
+
+@pytest.mark.parametrize("fault_method,mode", [("spawn", "str"), ("fork", "exception")])
+def test_fault_take_while_a_worker_dies(fault_method, mode, tmp_path):
+    init = tmp_path / "init.txt"
+    with _fault_pool(fault_method, init, error_mode=mode) as tm:
+        tm.submit(Task(_fault_die, "SIGKILL"))
+        with _fault_deadline(60, "take(timeout=None) while the worker dies"):
+            if mode == "str":
+                _fault_check_death_str(tm.take(timeout=None), "SIGKILL")
+            else:
+                with pytest.raises(ChildProcessError, match="SIGKILL"):
+                    tm.take(timeout=None)
+        assert tm.open_tasks == 0
+        with _fault_deadline(10, "take(timeout=None) with nothing open"):
+            assert tm.take(timeout=None) is None
+        # take(timeout>0) too, with a good task next to the dying one
+        tm.submit(Task(_fault_die, "SIGKILL"))
+        tm.submit(Task(_fault_work, 5, 0.1))
+        results, errors = [], []
+        with _fault_deadline(60, "take(timeout=30)"):
+            while tm.open_tasks:
+                try:
+                    r = tm.take(timeout=30)
+                except ChildProcessError as exc:
+                    errors.append(str(exc))
+                    continue
+                assert r is not None, "take(timeout=30) gave up while a task was open"
+                results.append(r)
+        if mode == "str":
+            assert 51 in results and len(results) == 2
+            _fault_check_death_str([r for r in results if r != 51][0], "SIGKILL")
+        else:
+            assert results == [51] and len(errors) == 1 and "SIGKILL" in errors[0]
+        _fault_wait_pool(tm, init, 2, exact_inits=4)
+
+
+@pytest.mark.parametrize("fault_method", _FAULT_METHODS)
+def test_fault_garbage_collected_manager_cleans_up(fault_method, tmp_path):
+    init = tmp_path / "init.txt"
+    tm = TaskManager(cpu_count=2, context=fault_method, worker_init=Task(_fault_init_record, str(init)))
+    with _fault_deadline(60, "start()"):
+        tm.start()
+    with _fault_deadline(60, "execute"):
+        assert tm.execute([Task(_fault_work, i) for i in range(4)], progress=False) == [1, 11, 21, 31]
+    pids = _fault_wait_pool(tm, init, 2, exact_inits=2)
+    ref = weakref.ref(tm)
+    del tm
+    gc.collect()
+    try:
+        _fault_wait_dead(pids, 10, "workers of a garbage-collected manager (manager collected: %s)"
+                         % (ref() is None))
+    finally:
+        if ref() is not None:  # leave nothing behind for the next tests
+            with _fault_deadline(30, "stop()"):
+                ref().stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Bad input
+# ---------------------------------------------------------------------------------------------
+
+def _fault_check_clean_error(excinfo):
+    message = str(excinfo.value)
+    assert message.strip(), "an error without a message: %r" % excinfo.value
+    for entry in excinfo.traceback:
+        path = str(entry.path)
+        assert not (os.sep + "multiprocessing" + os.sep in path
+                    or path.endswith(("queue.py", "threading.py", "selectors.py", "pickle.py"))), \
+            "error raised deep inside %s: %r" % (path, excinfo.value)
+
+
+_FAULT_BAD_CONSTRUCTORS = [
+    (dict(cpu_count=0), ValueError),
+    (dict(cpu_count=-1), ValueError),
+    (dict(cpu_count="2"), TypeError),
+    (dict(cpu_count=2.0), TypeError),
+    (dict(cpu_count=True), TypeError),
+    (dict(context="nope"), ValueError),
+    (dict(context=5), TypeError),
+    (dict(worker_init=_fault_work), TypeError),
+    (dict(worker_init=5), TypeError),
+    (dict(error_mode="x"), ValueError),
+    (dict(timeout=-1), ValueError),
+    (dict(timeout=0), ValueError),
+    (dict(timeout="1"), (TypeError, ValueError)),
+    (dict(max_tasks_per_child=0), ValueError),
+    (dict(max_tasks_per_child=-3), ValueError),
+    (dict(max_tasks_per_child=1.5), (TypeError, ValueError)),
+]
+
+
+@pytest.mark.parametrize("kwargs,error", _FAULT_BAD_CONSTRUCTORS, ids=[repr(k) for k, _ in _FAULT_BAD_CONSTRUCTORS])
+def test_fault_bad_constructor_arguments(kwargs, error):
+    with pytest.raises(error) as excinfo:
+        TaskManager(**kwargs)
+    _fault_check_clean_error(excinfo)
+
+
+def test_fault_bad_calls(tmp_path):
+    log = tmp_path / "log.txt"
+    with _fault_pool("fork", tmp_path / "init.txt") as tm:
+        bad_calls = [
+            ("execute(5)", lambda: tm.execute(5), TypeError),
+            ("execute(None)", lambda: tm.execute(None), TypeError),
+            ("execute([1, 2])", lambda: tm.execute([1, 2]), TypeError),
+            ("execute('abc')", lambda: tm.execute("abc"), TypeError),
+            ("execute([Task, 3])", lambda: tm.execute(iter([Task(_fault_work, 7, 0, str(log)), 3])), TypeError),
+            ("execute(timeout=-1)", lambda: tm.execute([Task(_fault_work, 7, 0, str(log))], timeout=-1), ValueError),
+            ("execute(timeout=0)", lambda: tm.execute([Task(_fault_work, 7, 0, str(log))], timeout=0), ValueError),
+            ("submit(None)", lambda: tm.submit(None), TypeError),
+            ("submit(5)", lambda: tm.submit(5), TypeError),
+            ("submit(function)", lambda: tm.submit(_fault_work), TypeError),
+            ("submit([Task])", lambda: tm.submit([Task(_fault_work, 7, 0, str(log))]), TypeError),
+            ("submit(timeout=-1)", lambda: tm.submit(Task(_fault_work, 7, 0, str(log)), timeout=-1), ValueError),
+            ("map(5, [1])", lambda: tm.map(5, [1]), TypeError),
+            ("map(f, 5)", lambda: tm.map(_fault_work, 5), TypeError),
+            ("take(timeout=-1)", lambda: tm.take(timeout=-1), ValueError),
+            ("Task(5)", lambda: Task(5), TypeError),
+        ]
+        for name, call, error in bad_calls:
+            with _fault_deadline(10, name):
+                with pytest.raises(error) as excinfo:
+                    call()
+            _fault_check_clean_error(excinfo)
+        assert tm.open_tasks == 0
+        with _fault_deadline(30, "execute"):
+            assert tm.execute([Task(_fault_work, i) for i in range(4)], progress=False) == [1, 11, 21, 31]
+        assert _fault_lines(log) == [], "a refused call still ran a task"
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. Soak: 10,000 tiny tasks while workers are SIGKILLed at random
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fault_method", _FAULT_METHODS)
+def test_fault_soak_random_worker_kills(fault_method, tmp_path):
+    init, log = tmp_path / "init.txt", tmp_path / "log.txt"
+    n = 10000
+    kills = []
+    stop = threading.Event()
+
+    def killer():
+        rng = random.Random(20240)
+        deadline = time.monotonic() + 6  # then let the pool finish in peace
+        while not stop.is_set() and time.monotonic() < deadline:
+            live = sorted(_fault_live_workers(init))
+            if live:
+                pid = rng.choice(live)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                    kills.append(pid)
+            stop.wait(0.05)
+
+    with _fault_pool(fault_method, init) as tm:
+        ids = {tm.submit(Task(_fault_soak_task, i, str(log))): i for i in range(n)}
+        assert tm.open_tasks == n
+        thread = threading.Thread(target=killer, daemon=True)
+        thread.start()
+        got = {}
+        try:
+            with _fault_deadline(100, "as_completed under random worker kills"):
+                for task, result in tm.as_completed(timeout=90):
+                    assert task.id not in got, "task %s yielded twice" % task.id
+                    got[task.id] = result
+        finally:
+            stop.set()
+            thread.join(5)
+        assert tm.open_tasks == 0
+        assert set(got) == set(ids), "missing: %d, unknown: %d" % (len(set(ids) - set(got)), len(set(got) - set(ids)))
+        errors = []
+        got_by_index = {i: got[tid] for tid, i in ids.items()}
+        for tid, i in ids.items():
+            result = got[tid]
+            if result != i * 7 + 3:
+                assert isinstance(result, str) and "SIGKILL" in result and "_fault_soak_task" in result, \
+                    "task %d: %r" % (i, result)
+                errors.append(i)
+        runs = Counter(int(x) for x in _fault_lines(log))
+        twice = sorted(k for k, v in runs.items() if v > 1)
+        assert not twice, "tasks that ran more than once: %s" % twice[:20]
+        not_run = sorted(i for i in range(n) if got_by_index[i] == i * 7 + 3 and runs[i] != 1)
+        assert not not_run, "tasks with a result that never ran: %s" % not_run[:20]
+        assert kills, "the killer never found a worker"
+        assert len(errors) <= len(kills), "%d task errors but only %d kills" % (len(errors), len(kills))
+        _fault_wait_pool(tm, init, 2, exclude=kills)
+        with _fault_deadline(60, "execute after the soak"):
+            assert tm.execute([Task(_fault_square, i) for i in range(100)], progress=False) == \
+                [i * i for i in range(100)]
+
+
+# ---------------------------------------------------------------------------------------------
+# 11. Many tiny tasks (batched by the engine)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fault_method", _FAULT_METHODS)
+def test_fault_tiny_tasks_order_errors_and_deaths(fault_method, tmp_path):
+    init = tmp_path / "init.txt"
+    with _fault_pool(fault_method, init) as tm:
+        # order is preserved
+        with _fault_deadline(60, "execute"):
+            assert tm.execute([Task(_fault_square, i) for i in range(3000)], progress=False) == \
+                [i * i for i in range(3000)]
+        with _fault_deadline(60, "map"):
+            assert tm.map(_fault_square, range(2000)) == [i * i for i in range(2000)]
+        # an error inside a run of tiny tasks affects only its task
+        with _fault_deadline(60, "execute"):
+            res = tm.execute([Task(_fault_tiny, i, 500) for i in range(1000)], progress=False)
+        assert _fault_check_error_str(res[500]) == "ValueError: bad-500", res[500]
+        assert res[:500] + res[501:] == [i * 3 for i in range(1000) if i != 500]
+
+        # a worker killed inside a run of tiny tasks costs only the task it was running
+        n, die_at = 600, 300
+        log = tmp_path / "log.txt"
+        with _fault_deadline(60, "execute"):
+            res = tm.execute([Task(_fault_tiny_logged, i, str(log), die_at) for i in range(n)], progress=False)
+        _fault_check_error_str(res[die_at], "SIGKILL", "_fault_tiny_logged")
+        assert res[:die_at] + res[die_at + 1:] == [i * 3 for i in range(n) if i != die_at]
+        runs = Counter(int(x) for x in _fault_lines(log))
+        assert runs == Counter(i for i in range(n) if i != die_at), \
+            "run twice: %s; lost: %s" % (sorted(k for k, v in runs.items() if v > 1),
+                                         sorted(set(range(n)) - set(runs) - {die_at}))
+
+        # the same through submit / as_completed
+        log2 = tmp_path / "log2.txt"
+        ids = {tm.submit(Task(_fault_tiny_logged, i, str(log2), die_at)): i for i in range(n)}
+        got = {}
+        with _fault_deadline(60, "as_completed"):
+            for task, result in tm.as_completed(timeout=50):
+                got[task.id] = result
+        assert tm.open_tasks == 0
+        for tid, i in ids.items():
+            if i == die_at:
+                _fault_check_error_str(got[tid], "SIGKILL")
+            else:
+                assert got[tid] == i * 3
+        assert Counter(int(x) for x in _fault_lines(log2)) == Counter(i for i in range(n) if i != die_at)
+        _fault_wait_pool(tm, init, 2, exact_inits=4)
+
+
+@pytest.mark.parametrize("fault_method", _FAULT_METHODS)
+def test_fault_tiny_tasks_exception_mode(fault_method, tmp_path):
+    with _fault_pool(fault_method, tmp_path / "init.txt", error_mode="exception") as tm:
+        with _fault_deadline(60, "execute"):
+            with pytest.raises(ValueError, match="^bad-500$"):
+                tm.execute([Task(_fault_tiny, i, 500) for i in range(1000)], progress=False)
+        with _fault_deadline(60, "execute"):  # no stale results from the cancelled call
+            assert tm.execute([Task(_fault_tiny, i) for i in range(1000)], progress=False) == \
+                [i * 3 for i in range(1000)]
+
+
+@pytest.mark.parametrize("fault_method", _FAULT_METHODS)
+def test_fault_tiny_tasks_timeout(fault_method, tmp_path):
+    init, log = tmp_path / "init.txt", tmp_path / "log.txt"
+    n, slow_at = 400, 200
+    with _fault_pool(fault_method, init, timeout=1.0) as tm:
+        with _fault_deadline(60, "execute"):
+            res = tm.execute([Task(_fault_tiny_logged, i, str(log), -1, slow_at) for i in range(n)],
+                             progress=False)
+        assert _fault_check_error_str(res[slow_at]).startswith("TimeoutError"), res[slow_at]
+        assert res[:slow_at] + res[slow_at + 1:] == [i * 3 for i in range(n) if i != slow_at]
+        assert Counter(int(x) for x in _fault_lines(log)) == Counter(i for i in range(n) if i != slow_at)
+        _fault_wait_pool(tm, init, 2, exact_inits=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Last: nothing left behind
+# ---------------------------------------------------------------------------------------------
+
+def test_fault_zz_no_stray_processes_left():
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        alive = sorted(p for p in _FAULT_SEEN_PIDS if _fault_alive(p))
+        active = {p.pid for p in multiprocessing.active_children()}  # reaps finished children
+        unknown = {p: s for p, s in _fault_descendants().items() if p not in active}
+        if not alive and not unknown:
+            break
+        time.sleep(0.1)
+    assert not alive, "worker processes of these tests still running: %s" % alive
+    assert not unknown, "processes (or zombies) left behind: %s" % unknown
