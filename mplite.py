@@ -19,7 +19,6 @@ other task still runs, and a dead worker is replaced. ``python -m mplite`` runs 
 Standard library only, Python 3.8+, POSIX (Linux, macOS). MIT licence.
 """
 import atexit
-import io
 import itertools
 import linecache
 import os
@@ -39,8 +38,9 @@ from math import ceil
 from multiprocessing import get_context, get_all_start_methods
 from multiprocessing.connection import wait
 from multiprocessing.context import BaseContext
+from multiprocessing.heap import Arena
 from multiprocessing.reduction import ForkingPickler
-from operator import methodcaller
+from operator import add, rshift
 from time import monotonic
 
 __version__ = "2.0.0"
@@ -188,6 +188,7 @@ class TaskManager:
         pool = self._running()
         tasks = _task_list(tasks)
         timeout = self.timeout if timeout is _DEFAULT else _seconds(timeout, "timeout")
+        _check_functions(tasks)
         bar = _progress_bar(len(tasks), tqdm, pbar, progress and bool(tasks))
         if not tasks:
             return []
@@ -220,7 +221,7 @@ class TaskManager:
         payload = _pickle_task(_entry_task(task))  # fail here, naming the task, if it can't travel
         pool.pending.append(_Job(_Submitted(task, timeout, pool.inbox), 0, 1, payload))
         self._open += 1
-        pool.dispatch()
+        self._serve(lambda: True)  # send it now, if a worker is free
         return task.id
 
     def take(self, timeout=0):
@@ -342,7 +343,14 @@ def _worker_main(conn, journal, lifeline, lifeline_end, init):
             init.execute()
         except BaseException as exc:
             return out.post(_INIT_FAILED, _describe(exc)[0])
-    out.post(_READY, os.getpid())
+    try:
+        out.post(_READY, os.getpid())
+        _serve_messages(fd, out)
+    except OSError:  # the parent is gone: nobody to tell
+        pass
+
+
+def _serve_messages(fd, out):
     while True:
         message = _receive_frame(fd)
         if not message:  # asked to exit, or the parent is gone
@@ -364,7 +372,7 @@ class _Outbox:
     """
 
     def __init__(self, fd, journal):
-        mem = memoryview(journal).cast("B")
+        mem = memoryview(journal.buffer)
         self.fd = fd
         self.number = 0  # of the journal's first answer: answers sent so far
         self.messages = 0  # read from the parent
@@ -390,7 +398,8 @@ class _Outbox:
                 try:
                     blob = dumps(value, -1)
                 except BaseException as exc:
-                    error = TypeError(f"the task's result, a {type(value).__name__}, can't be sent back: {exc}")
+                    error = TypeError(f"the result of {_short(Task(f, *args, **kwargs))}, "
+                                      f"a {type(value).__name__}, can't be sent back: {exc}")
                     kind, blob = _FAILED, dumps(_describe(error), -1)
             stop = end + len(blob)
             if stop > room or count == _ENTRIES:  # full: send what it holds first
@@ -440,7 +449,7 @@ class _Outbox:
 
 def _journal_answers(journal):
     """(number, kind, pickled answer) for each answer a journal holds."""
-    mem = memoryview(journal).cast("B")
+    mem = memoryview(journal.buffer)
     number = _HEADER.unpack_from(mem, 0)[0]
     start = _DATA_AT
     for end_kind in mem[_ENDS_AT:_DATA_AT].cast("Q"):
@@ -649,6 +658,8 @@ class _Pool:
         self._boot_deaths = 0
 
     def start(self):
+        self.pid = os.getpid()
+        _live_pools.add(self)
         if self.init is not None and self.ctx.get_start_method() != "fork":
             _pickle_task(self.init)  # say which init can't travel, before starting anything
         self._lifeline, self._lifeline_end = self.ctx.Pipe(duplex=False)
@@ -656,6 +667,8 @@ class _Pool:
         try:
             for _ in range(self.size):
                 self._spawn()
+            # Wait for every worker: a failing worker_init raises here, and tasks submitted next
+            # go straight to a worker, with no later call needed to move them.
             self.serve(lambda: all(w.ready for w in self.workers))
         except BaseException:
             self.close(grace=0)
@@ -663,11 +676,14 @@ class _Pool:
 
     def close(self, grace=0.2):
         """Ask the workers to exit; after `grace` seconds, terminate the rest. Reap them all."""
-        if self.closed:
+        if self.closed or os.getpid() != self.pid:  # a fork of the parent doesn't own them
             return
         self.closed = True
         atexit.unregister(self.close)
         for w in self.workers:
+            if not w.ready:  # still starting: it holds no work, so don't wait for it
+                w.process.terminate()
+                continue
             try:
                 w.send(b"")
             except OSError:
@@ -759,10 +775,12 @@ class _Pool:
                 self.pending.extendleft(reversed(jobs))
                 return self._send_work(w)
         else:
-            jobs, count = self._next_batch(w)
-            message = self._pickle_batch(jobs)
-            if message is None:
-                return
+            message = None
+            while message is None:  # None: none of those could be pickled; try the next ones
+                if not self.pending:
+                    return
+                jobs, count = self._next_batch(w)
+                message = self._pickle_batch(jobs)
             count = sum(j.stop - j.start for j in jobs)  # some may have been dropped
             if w.msgs and len(message) > _PREFETCH_BYTES:
                 self.parked = (jobs, count, message)
@@ -794,8 +812,9 @@ class _Pool:
         """Take the next tasks off the queue: as many as make a few milliseconds of work."""
         n = 1
         if self.avg is not None:
-            n = max(1, min(_MAX_BATCH, int(_BATCH_SECONDS / max(self.avg, 1e-7)),
-                           ceil(self._pending_count() / (2 * self.size))))
+            n = max(1, min(_MAX_BATCH, int(_BATCH_SECONDS / max(self.avg, 1e-7))))
+            if n > 1:  # near the end, smaller: the last batches spread over all workers
+                n = max(1, min(n, ceil(self._pending_count(2 * self.size * n) / (2 * self.size))))
         if w.left is not None:
             n = min(n, w.left)
         jobs, count, pending = [], 0, self.pending
@@ -812,12 +831,13 @@ class _Pool:
                 count = n
         return jobs, count
 
-    def _pending_count(self):
+    def _pending_count(self, enough):
+        """Tasks queued, counted up to `enough`."""
         count = 0
         for job in self.pending:
             count += job.stop - job.start
-            if count > 2 * self.size * _MAX_BATCH:
-                break  # enough to know no cap applies
+            if count >= enough:
+                break
         return count
 
     def _pickle_batch(self, jobs):
@@ -884,20 +904,18 @@ class _Pool:
             self.avg = spent if self.avg is None else self.avg + 0.3 * (spent - self.avg)
         w.received += count
         data_at = _ANSWERS.size + 8 * count
-        if plain:  # all are results: unpickle them at once
-            stream = io.BytesIO(frame)
-            stream.seek(data_at)
+        ends = struct.unpack_from(f"<{count}Q", frame, _ANSWERS.size)
+        stops = list(map(add, map(rshift, ends, repeat(3)), repeat(data_at)))  # end << 3 | kind
+        starts = [data_at] + stops[:-1]
+        if plain:  # all are results: unpickle them with no Python loop
             try:
-                values = list(map(methodcaller("load"), repeat(pickle.Unpickler(stream), count)))
+                values = list(map(pickle.loads, map(memoryview(frame).__getitem__, map(slice, starts, stops))))
             except Exception:
                 pass  # one of them can't be unpickled here: go one by one, below
             else:
                 return self._deliver(w, values, now)
-        start = data_at
-        for end_kind in struct.unpack_from(f"<{count}Q", frame, _ANSWERS.size):
-            stop = data_at + (end_kind >> 3)
+        for start, stop, end_kind in zip(starts, stops, ends):
             self._take_one(w, end_kind & 7, frame[start:stop], now)
-            start = stop
 
     def _deliver(self, w, values, now):
         """Results of the tasks at the front of w.jobs, in order."""
@@ -923,7 +941,9 @@ class _Pool:
         try:
             value = pickle.loads(blob)
         except Exception as exc:  # a result the parent can't unpickle: an error of that task
-            value = _describe(exc)
+            job = w.jobs[0]
+            task = _entry_task(job.owner.items[job.start])
+            value = _describe(TypeError(f"the result of {_short(task)} can't be unpickled here: {exc}"))
             kind = _FAILED
         if kind == _DONE:
             return self._deliver(w, [value], now)
@@ -966,6 +986,8 @@ class _Pool:
                 n = 0
 
     def _finish(self, owner, slot, ok, value):
+        if owner.cancelled:
+            return
         item = owner.items[slot]
         if ok and isinstance(item, TaskChain):
             try:
@@ -983,7 +1005,9 @@ class _Pool:
 
     def _spawn(self):
         conn, child_conn = self.ctx.Pipe()
-        journal = self.ctx.RawArray("B", _JOURNAL_SIZE)
+        # Shared memory that the worker inherits, or gets as a file descriptor where it's spawned.
+        # (What RawArray is made of, without the ctypes import that costs a cold start 10 ms.)
+        journal = Arena(_JOURNAL_SIZE)
         process = self.ctx.Process(target=_worker_main, name="mplite-worker",
                                    args=(child_conn, journal, self._lifeline, self._lifeline_end, self.init))
         # Block Ctrl-C while starting: the new process inherits the mask, and stays deaf to
@@ -1013,7 +1037,7 @@ class _Pool:
             self._missing += 1
         code = w.process.exitcode
         jobs = [j for j in w.jobs if j.start < j.stop]
-        began = _HEADER.unpack_from(memoryview(w.journal).cast("B"), 8)[0] > w.sent - len(w.msgs)
+        began = _HEADER.unpack_from(w.journal.buffer, 8)[0] > w.sent - len(w.msgs)
         if jobs and not began:
             # It died before reading the message of the task at the head (killed while idle,
             # say): none of these tasks began.
@@ -1063,6 +1087,22 @@ class _Pool:
         keys.update((w.fd, w) for w in self.workers if not w.eof)
         self._keys = keys
         self._waitables = list(keys)
+
+
+_live_pools = weakref.WeakSet()
+
+
+def _close_lifelines():
+    """In a fork of the parent (its own, or a worker), let go of the parent's end of each
+    lifeline: the workers see the parent's death only once every copy of that end is closed."""
+    for pool in list(_live_pools):
+        end = getattr(pool, "_lifeline_end", None)
+        if end is not None and not end.closed:
+            end.close()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_lifelines)
 
 
 def _wait_for_exit(processes, seconds):
@@ -1187,6 +1227,17 @@ def _entry_task(item):
 def _entry(item):
     task = _entry_task(item)
     return task.f, task.args, task.kwargs
+
+
+def _check_functions(items):
+    """Refuse a call whose function can't be pickled (a lambda, a local function) before any
+    task is sent: that is the usual case. Arguments are checked as their batches are pickled."""
+    functions = {id(t.f): t for t in map(_entry_task, items)}  # one task per distinct function
+    for task in functions.values():
+        try:
+            ForkingPickler.dumps(task.f)
+        except Exception as exc:
+            raise _UnpicklableError(f"{_short(task)} can't be sent to a worker process: {exc}") from exc
 
 
 def _pickle_task(task):

@@ -1147,6 +1147,63 @@ def test_sigkilled_worker_is_reported_and_replaced(method, tmp_path):
         pids = pids_seen_eventually(tm, 2)  # the replacement may still be booting
         assert len(pids) == 2 and killed not in pids
 
+# ---------------------------------------------------------------------------------------------
+# Engine: what batching must not change
+# ---------------------------------------------------------------------------------------------
+
+def word_record(i):
+    word = "w%d" % i
+    return {"word": word, "tokens": [word, word], "same": (word,) * 3}
+
+
+def test_results_sharing_objects_inside_come_back_intact(pool):
+    # Results that hold the same object twice are pickled with references inside; batched results
+    # travel together, and each must still come back as its own, whole value.
+    assert pool.map(word_record, range(3000)) == [word_record(i) for i in range(3000)]
+
+
+def chain_to_lambda(prev_task, result):
+    return Task(lambda: result)  # can't be pickled: the chain fails at this step
+
+
+def test_a_chain_step_that_cant_be_pickled_fails_alone(pools):
+    tm = pools.get("fork")
+    try:
+        tm.submit(TaskChain(Task(adder, 1, 2), chain_to_lambda))
+        assert tm.execute([Task(adder, i, 1) for i in range(20)], progress=False) == list(range(1, 21))
+        result = tm.take(timeout=60)
+        assert "can't be sent to a worker process" in result and "lambda" in result, result
+        assert tm.open_tasks == 0
+    finally:
+        pools.release(tm)
+
+
+def raise_on(x, bad):
+    if x == bad:
+        raise KeyError(x)
+    return x
+
+
+def record_step(prev_task, result, log):
+    with open(log, "a") as f:
+        f.write("%s\n" % result)
+
+
+def nap_return(seconds, value):
+    time.sleep(seconds)
+    return value
+
+
+def test_an_aborted_execute_runs_no_more_chain_steps(xpool, tmp_path):
+    log = str(tmp_path / "steps")
+    chains = [TaskChain(Task(nap_return, 0.3, i), functools.partial(record_step, log=log)) for i in range(4)]
+    with pytest.raises(KeyError):
+        xpool.execute([Task(raise_on, 0, 0)] + chains, progress=False)
+    # Each worker answers in order: once these are back, so are the chains' first steps.
+    assert xpool.execute([Task(nap_return, 0.5, 7)] * 4, progress=False) == [7] * 4
+    assert not os.path.exists(log), open(log).read()
+
+
 # =============================================================================================
 # Fault injection: dead workers, timeouts, unpicklable data, Ctrl-C, a dying parent, a soak.
 #
