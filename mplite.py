@@ -25,6 +25,7 @@ import os
 import pickle
 import reprlib
 import signal
+import socket
 import struct
 import sys
 import threading
@@ -40,7 +41,7 @@ from multiprocessing.connection import wait
 from multiprocessing.context import BaseContext
 from multiprocessing.heap import Arena
 from multiprocessing.reduction import ForkingPickler
-from operator import add, rshift
+from operator import add, attrgetter, rshift
 from time import monotonic
 
 __version__ = "2.0.0"
@@ -301,7 +302,8 @@ class TaskManager:
 # order the worker wrote them, which is how the parent knows which of them it already has.
 #
 # _Worker.jobs, the tasks sent to a worker and not yet answered, in the order the worker runs
-# them, is the one record of which task each worker holds: jobs[0] is the one running.
+# them, is the one record of which task each worker holds: the first of them is the one running
+# (or just done, its answer not yet sent).
 # ---------------------------------------------------------------------------------------------
 
 _HEADER = struct.Struct("<Q")  # frame length, both ways; a zero-length message asks a worker to exit
@@ -315,13 +317,14 @@ _ENTRIES = 4096
 _ENDS_AT = 16
 _DATA_AT = _ENDS_AT + 8 * _ENTRIES
 _JOURNAL_SIZE = _DATA_AT + (1 << 20)
-_FLUSH_SECONDS = 0.02  # the answers of a long message reach the parent at least this often
+_FLUSH_SECONDS = 0.02  # a long message's answers are sent this often (the clock is read every 8 tasks)
 
 _READ_SIZE = 1 << 18
 _BIG_FRAME = 1 << 20  # a frame larger than this is read straight into its own buffer
-# A worker is sent a second message while busy only if it is small: the socket buffer then takes
-# it without blocking. A large message waits for an idle worker, which is reading, never writing:
-# so the parent never blocks sending to a worker that is itself blocked sending a large result.
+# A worker is sent a second message while busy only if it is small: half the socket's buffer at
+# most, so the buffer takes it without blocking. A large message waits for an idle worker, which
+# is reading, never writing: so the parent never blocks sending to a worker that is itself
+# blocked sending a large result.
 _PREFETCH_BYTES = 1 << 16
 # Batch sizing: short tasks travel together, aiming at this much work per message; a task that
 # takes longer travels alone, so load balancing is not lost.
@@ -338,12 +341,12 @@ def _worker_main(conn, journal, lifeline, lifeline_end, init):
     threading.Thread(target=_exit_when_closed, args=(lifeline,), daemon=True).start()
     fd = conn.fileno()
     out = _Outbox(fd, journal)
-    if init is not None:
-        try:
-            init.execute()
-        except BaseException as exc:
-            return out.post(_INIT_FAILED, _describe(exc)[0])
     try:
+        if init is not None:
+            try:
+                init.execute()
+            except BaseException as exc:
+                return out.post(_INIT_FAILED, _describe(exc)[0])
         out.post(_READY, os.getpid())
         _serve_messages(fd, out)
     except OSError:  # the parent is gone: nobody to tell
@@ -381,7 +384,7 @@ class _Outbox:
         self.data = mem[_DATA_AT:]
 
     def run(self, batch, each):
-        """Run a message's tasks, journal each answer, send them all (and every few ms)."""
+        """Run a message's tasks, journal each answer, send them all (and some on the way)."""
         ends, data, room = self.ends.cast("Q"), self.data, len(self.data)
         dumps = pickle.dumps
         count = end = 0
@@ -538,7 +541,7 @@ class _Call:
         self.left = len(items)
         self.timeout = timeout
         self.raise_errors = raise_errors
-        self.plain = all(t.__class__ is Task for t in items)  # no chains: results go straight in
+        self.plain = set(map(type, items)) == {Task}  # no chains: results go straight in
         self.failure = None
         self.cancelled = False
         self.shown = 0
@@ -588,10 +591,14 @@ class _Worker:
         self.sentinel = process.sentinel
         self.conn = conn
         self.fd = conn.fileno()
+        with socket.socket(fileno=os.dup(self.fd)) as sock:  # buffers differ: macOS's are small
+            room = min(sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
+                       sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+        self.prefetch_bytes = min(_PREFETCH_BYTES, room // 2)
         self.journal = journal  # shared memory: frames it wrote and may not have sent
-        self.jobs = deque()     # sent, not yet answered, in running order: jobs[0].start is running
+        self.jobs = deque()     # sent, not yet answered, in running order: jobs[0].start runs first
         self.msgs = deque()     # how many of those tasks each message in flight still holds
-        self.since = 0.0        # when jobs[0].start started
+        self.since = 0.0        # when it was last heard from: the start of jobs[0].start, as seen here
         self.ready = False      # has said it is ready (worker_init done)
         self.open = True        # may be sent more work
         self.eof = False        # its end of the pipe is closed
@@ -782,7 +789,7 @@ class _Pool:
                 jobs, count = self._next_batch(w)
                 message = self._pickle_batch(jobs)
             count = sum(j.stop - j.start for j in jobs)  # some may have been dropped
-            if w.msgs and len(message) > _PREFETCH_BYTES:
+            if w.msgs and len(message) > w.prefetch_bytes:
                 self.parked = (jobs, count, message)
                 return
         w.jobs.extend(jobs)
@@ -1232,8 +1239,12 @@ def _entry(item):
 def _check_functions(items):
     """Refuse a call whose function can't be pickled (a lambda, a local function) before any
     task is sent: that is the usual case. Arguments are checked as their batches are pickled."""
-    functions = {id(t.f): t for t in map(_entry_task, items)}  # one task per distinct function
-    for task in functions.values():
+    try:  # one task for each distinct function
+        functions = dict(zip(map(id, map(attrgetter("f"), items)), items))
+    except AttributeError:  # there are chains: look at their tasks
+        functions = {id(_entry_task(item).f): item for item in items}
+    for item in functions.values():
+        task = _entry_task(item)
         try:
             ForkingPickler.dumps(task.f)
         except Exception as exc:
@@ -1265,9 +1276,10 @@ def _task_list(tasks):
         tasks = list(tasks)
     except TypeError:
         raise TypeError(f"execute takes an iterable of Task or TaskChain, not {type(tasks).__name__}") from None
-    for i, t in enumerate(tasks):
-        if not isinstance(t, (Task, TaskChain)):
-            raise TypeError(f"execute takes Task or TaskChain items; item {i} is {type(t).__name__}")
+    if not set(map(type, tasks)) <= {Task, TaskChain}:  # else look closer: subclasses are fine
+        for i, t in enumerate(tasks):
+            if not isinstance(t, (Task, TaskChain)):
+                raise TypeError(f"execute takes Task or TaskChain items; item {i} is {type(t).__name__}")
     return tasks
 
 
