@@ -286,6 +286,10 @@ class TaskManager:
         return item, value.text
 
 
+class UnpicklableTaskError(TypeError, pickle.PicklingError):
+    """A task whose function or arguments can't be pickled, so it can't go to a worker."""
+
+
 # ---------------------------------------------------------------------------------------------
 # The engine
 #
@@ -876,7 +880,7 @@ class _Pool:
         """A job of one task, pickled alone; None if it can't be, and then it has failed."""
         try:
             return _Job(owner, slot, slot + 1, payload or _pickle_task(_entry_task(owner.items[slot])))
-        except _UnpicklableError as exc:
+        except UnpicklableTaskError as exc:
             failure = _Failure.of(exc)
             if isinstance(owner, _Call):
                 owner.abort(failure)  # execute() raises it: a task that can't be sent is bad input
@@ -1129,8 +1133,6 @@ def _wait_for_exit(processes, seconds):
 # Errors: what a failed task's result is made of
 # ---------------------------------------------------------------------------------------------
 
-class _UnpicklableError(TypeError, pickle.PicklingError):
-    """A task that can't be sent to a worker (both a TypeError and a PicklingError)."""
 
 
 class _Failure:
@@ -1248,14 +1250,14 @@ def _check_functions(items):
         try:
             ForkingPickler.dumps(task.f)
         except Exception as exc:
-            raise _UnpicklableError(f"{_short(task)} can't be sent to a worker process: {exc}") from exc
+            raise UnpicklableTaskError(f"{_short(task)} can't be sent to a worker process: {exc}") from exc
 
 
 def _pickle_task(task):
     try:
         return ForkingPickler.dumps((task.f, task.args, task.kwargs)).tobytes()
     except Exception as exc:
-        raise _UnpicklableError(f"{_short(task)} can't be sent to a worker process: {exc}") from exc
+        raise UnpicklableTaskError(f"{_short(task)} can't be sent to a worker process: {exc}") from exc
 
 
 def _exit_reason(code):
