@@ -310,7 +310,7 @@ class UnpicklableTaskError(TypeError, pickle.PicklingError):
 # (or just done, its answer not yet sent).
 # ---------------------------------------------------------------------------------------------
 
-_HEADER = struct.Struct("<Q")  # frame length, both ways; a zero-length message asks a worker to exit
+_U64 = struct.Struct("<Q")  # frame lengths, both ways (zero asks a worker to exit), and counters
 _ANSWERS = struct.Struct("<I?d")  # a worker's frame starts: answers, all results?, seconds per task
 _DONE, _FAILED, _READY, _INIT_FAILED, _UNREADABLE = range(5)  # the kinds of answer
 
@@ -431,7 +431,7 @@ class _Outbox:
     def note_received(self):
         """Tell the parent, should this process die, that the tasks of the message just read began."""
         self.messages += 1
-        _HEADER.pack_into(self.head, 8, self.messages)
+        _U64.pack_into(self.head, 8, self.messages)
 
     def post(self, kind, value):
         """Send an answer that is not a task's: ready, init failed, unreadable message."""
@@ -440,24 +440,24 @@ class _Outbox:
     def flush(self, count, end, plain, spent=-1.0):
         if count or spent >= 0:
             size = _ANSWERS.size + 8 * count + end
-            _write_parts(self.fd, [_HEADER.pack(size) + _ANSWERS.pack(count, plain, spent),
+            _write_parts(self.fd, [_U64.pack(size) + _ANSWERS.pack(count, plain, spent),
                                    self.ends[:8 * count], self.data[:end]])
             self.ends[:8 * count] = bytes(8 * count)  # empty the journal first, then renumber it
             self.number += count
-            _HEADER.pack_into(self.head, 0, self.number)
+            _U64.pack_into(self.head, 0, self.number)
 
     def send_alone(self, kind, blob):
         size = _ANSWERS.size + 8 + len(blob)
-        _write_parts(self.fd, [_HEADER.pack(size) + _ANSWERS.pack(1, kind == _DONE, -1.0),
-                               _HEADER.pack(len(blob) << 3 | kind), blob])
+        _write_parts(self.fd, [_U64.pack(size) + _ANSWERS.pack(1, kind == _DONE, -1.0),
+                               _U64.pack(len(blob) << 3 | kind), blob])
         self.number += 1
-        _HEADER.pack_into(self.head, 0, self.number)
+        _U64.pack_into(self.head, 0, self.number)
 
 
 def _journal_answers(journal):
     """(number, kind, pickled answer) for each answer a journal holds."""
     mem = memoryview(journal.buffer)
-    number = _HEADER.unpack_from(mem, 0)[0]
+    number = _U64.unpack_from(mem, 0)[0]
     start = _DATA_AT
     for end_kind in mem[_ENDS_AT:_DATA_AT].cast("Q"):
         if not end_kind:
@@ -490,9 +490,9 @@ def _exit_when_closed(lifeline):
 
 def _send_frame(fd, body):
     if len(body) < _BIG_FRAME:
-        _write_all(fd, _HEADER.pack(len(body)) + body)
+        _write_all(fd, _U64.pack(len(body)) + body)
     else:  # don't copy a large body just to put a header in front
-        _write_all(fd, _HEADER.pack(len(body)))
+        _write_all(fd, _U64.pack(len(body)))
         _write_all(fd, body)
 
 
@@ -504,8 +504,8 @@ def _write_all(fd, data):
 
 def _receive_frame(fd):
     """A worker's blocking read of one message; None at EOF."""
-    header = _read_exactly(fd, _HEADER.size)
-    return header and _read_exactly(fd, _HEADER.unpack(header)[0])
+    header = _read_exactly(fd, _U64.size)
+    return header and _read_exactly(fd, _U64.unpack(header)[0])
 
 
 def _read_exactly(fd, n):
@@ -633,7 +633,7 @@ class _Worker:
             raise EOFError
         buf = self._buf + data if self._buf else data
         frames, pos, end = [], 0, len(buf)
-        unpack = _HEADER.unpack_from
+        unpack = _U64.unpack_from
         while end - pos >= 8:
             n = unpack(buf, pos)[0]
             if pos + 8 + n > end:
@@ -1048,7 +1048,7 @@ class _Pool:
             self._missing += 1
         code = w.process.exitcode
         jobs = [j for j in w.jobs if j.start < j.stop]
-        began = _HEADER.unpack_from(w.journal.buffer, 8)[0] > w.sent - len(w.msgs)
+        began = _U64.unpack_from(w.journal.buffer, 8)[0] > w.sent - len(w.msgs)
         if jobs and not began:
             # It died before reading the message of the task at the head (killed while idle,
             # say): none of these tasks began.
@@ -1439,7 +1439,7 @@ def _adder(a, b):
     return a + b
 
 
-def _double_then_add_one(prev_task, result):
+def _add_one_next(prev_task, result):
     return Task(_adder, result, 1)
 
 
@@ -1477,7 +1477,7 @@ def _self_test():
                 tm.submit(Task(_adder, *sums))
                 sums = []
         check("incremental work with submit/take adds 1..10 to 55", sums == [55], repr(sums))
-        chain = TaskChain(Task(_adder, 20, 0), _double_then_add_one)
+        chain = TaskChain(Task(_adder, 20, 0), _add_one_next)
         check("a task chain runs step after step", tm.execute([chain], progress=False) == [21])
     elapsed = time.perf_counter() - start
     if all(checks):

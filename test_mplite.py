@@ -241,7 +241,7 @@ def pid_running(pid):
             stat = fh.read()
     except OSError:
         return False
-    return stat[stat.rindex(")") + 2:].split()[0] != "Z"
+    return stat[stat.rindex(")") + 2:].split()[0] not in ("Z", "X", "x")
 
 
 def wait_gone(pids, limit=15):
@@ -284,18 +284,10 @@ def descendant_processes(root=None):
     """[(pid, state, cmdline)] of every descendant of root (default: this process) found via
     /proc/*/stat, zombies included, the multiprocessing singletons above excluded."""
     root = os.getpid() if root is None else root
-    children, states = {}, {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % name) as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        states[int(name)] = fields[0]
-        children.setdefault(int(fields[1]), []).append(int(name))
+    table = _fault_proc_table()
+    children, states = {}, {pid: state for pid, (_, state) in table.items()}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
     found, todo = [], [(pid, True) for pid in children.get(root, [])]
     while todo:
         pid, direct = todo.pop()
@@ -1217,7 +1209,7 @@ def test_an_aborted_execute_runs_no_more_chain_steps(xpool, tmp_path):
 _FAULT_REPO = os.path.dirname(os.path.abspath(__file__))
 _FAULT_METHODS = ["spawn", "fork"]
 _FAULT_KINDS = ["SIGKILL", "SIGSEGV", "exit3", "SIGABRT"]
-_FAULT_SINGLETONS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+_FAULT_SINGLETONS = MULTIPROCESSING_SINGLETONS
 _FAULT_SEEN_PIDS = set()  # every worker pid any test here has seen; all must be gone at the end
 
 
@@ -1412,14 +1404,7 @@ def _fault_pids_in(path):
     return pids
 
 
-def _fault_alive(pid):
-    """True while pid exists and is not a zombie."""
-    try:
-        with open("/proc/%d/stat" % pid) as fh:
-            stat = fh.read()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2:].split()[0] not in ("Z", "X", "x")
+_fault_alive = pid_running
 
 
 def _fault_wait_dead(pids, limit, what):
@@ -1524,12 +1509,7 @@ def _fault_proc_table(with_pgrp=False):
     return table
 
 
-def _fault_cmdline(pid):
-    try:
-        with open("/proc/%d/cmdline" % pid, "rb") as fh:
-            return fh.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
+_fault_cmdline = _cmdline
 
 
 def _fault_descendants(root=None):
@@ -2101,6 +2081,19 @@ def write_pids(marker_dir):
     os.replace(tmp, os.path.join(marker_dir, "pids.txt"))
 
 
+def interrupted(tm):
+    """After the KeyboardInterrupt: show it, check the manager was stopped, exit as a shell would."""
+    traceback.print_exc()
+    sys.stderr.flush()
+    try:
+        tm.submit(mplite.Task(fault_quick, 1))
+    except RuntimeError:
+        print("STOPPED-OK", flush=True)
+    else:
+        print("NOT-STOPPED", flush=True)
+    sys.exit(130)
+
+
 def main():
     scenario, method, marker_dir = sys.argv[1:4]
     if scenario == "ctrlc-start":  # Ctrl-C while start() waits for the workers' worker_init
@@ -2109,15 +2102,7 @@ def main():
         try:
             tm.start()
         except KeyboardInterrupt:
-            traceback.print_exc()
-            sys.stderr.flush()
-            try:
-                tm.submit(mplite.Task(fault_quick, 1))
-            except RuntimeError:
-                print("STOPPED-OK", flush=True)
-            else:
-                print("NOT-STOPPED", flush=True)
-            sys.exit(130)
+            interrupted(tm)
         print("NO-KEYBOARDINTERRUPT", flush=True)
         sys.exit(3)
     tm = mplite.TaskManager(cpu_count=3, context=method)  # 2 busy workers, 1 idle
@@ -2132,15 +2117,7 @@ def main():
                     tm.submit(mplite.Task(fault_long, marker_dir, 60))
                 tm.take(timeout=None)
         except KeyboardInterrupt:
-            traceback.print_exc()
-            sys.stderr.flush()
-            try:
-                tm.submit(mplite.Task(fault_quick, 1))
-            except RuntimeError:
-                print("STOPPED-OK", flush=True)
-            else:
-                print("NOT-STOPPED", flush=True)
-            sys.exit(130)
+            interrupted(tm)
         print("NO-KEYBOARDINTERRUPT", flush=True)
         sys.exit(3)
     elif scenario == "parent-kill":
