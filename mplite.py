@@ -405,8 +405,8 @@ class _Outbox:
                 try:
                     blob = dumps(value, -1)
                 except BaseException as exc:
-                    error = TypeError(f"the result of {_short(Task(f, *args, **kwargs))}, "
-                                      f"a {type(value).__name__}, can't be sent back: {exc}")
+                    error = TypeError(f"the result of {_short(Task(f, *args, **kwargs))}, a "
+                                      f"{type(value).__name__}, can't be pickled to be sent back: {exc}")
                     kind, blob = _FAILED, dumps(_describe(error), -1)
             stop = end + len(blob)
             if stop > room or count == _ENTRIES:  # full: send what it holds first
@@ -1250,14 +1250,16 @@ def _check_functions(items):
         try:
             ForkingPickler.dumps(task.f)
         except Exception as exc:
-            raise UnpicklableTaskError(f"{_short(task)} can't be sent to a worker process: {exc}") from exc
+            raise UnpicklableTaskError(f"{_short(task)} can't be sent to a worker process: "
+                                       f"it can't be pickled: {exc}") from exc
 
 
 def _pickle_task(task):
     try:
         return ForkingPickler.dumps((task.f, task.args, task.kwargs)).tobytes()
     except Exception as exc:
-        raise UnpicklableTaskError(f"{_short(task)} can't be sent to a worker process: {exc}") from exc
+        raise UnpicklableTaskError(f"{_short(task)} can't be sent to a worker process: "
+                                   f"it can't be pickled: {exc}") from exc
 
 
 def _exit_reason(code):
