@@ -592,7 +592,7 @@ class _Worker:
 
     def __init__(self, process, conn, journal, max_tasks):
         self.process = process
-        self.sentinel = process.sentinel
+        self.sentinel = _exit_fd(process)
         self.conn = conn
         self.fd = conn.fileno()
         with socket.socket(fileno=os.dup(self.fd)) as sock:  # buffers differ: macOS's are small
@@ -616,6 +616,11 @@ class _Worker:
 
     def send(self, body):
         _send_frame(self.fd, body)
+
+    def close(self):
+        self.conn.close()
+        if self.sentinel != self.process.sentinel:
+            os.close(self.sentinel)
 
     def receive(self):
         """Read what the worker has sent (one read, which won't block); return whole frames."""
@@ -708,7 +713,7 @@ class _Pool:
         for p in processes:
             p.join()
         for w in self.workers:
-            w.conn.close()
+            w.close()
         self.workers.clear()
         self._lifeline.close()
         self._lifeline_end.close()
@@ -1041,7 +1046,7 @@ class _Pool:
             if number >= w.received:  # finished and written down, never sent
                 w.received += 1
                 self._take_one(w, kind, blob, now)
-        w.conn.close()
+        w.close()
         self.workers.remove(w)
         self._index()
         if not self.closed:
@@ -1098,6 +1103,16 @@ class _Pool:
         keys.update((w.fd, w) for w in self.workers if not w.eof)
         self._keys = keys
         self._waitables = list(keys)
+
+
+def _exit_fd(process):
+    """A file descriptor that becomes readable when the process ends. A pidfd where the system
+    has them: the process's sentinel pipe stays open in any child a task forks, and would hide
+    the worker's death until that child ends."""
+    try:
+        return os.pidfd_open(process.pid)
+    except (AttributeError, OSError):
+        return process.sentinel
 
 
 _live_pools = weakref.WeakSet()

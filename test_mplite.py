@@ -2595,6 +2595,31 @@ def test_fault_tiny_tasks_timeout(fault_method, tmp_path):
 # Last: nothing left behind
 # ---------------------------------------------------------------------------------------------
 
+def _fault_fork_then_die(path):
+    pid = os.fork()
+    if pid == 0:  # a grandchild that outlives its worker, holding whatever the worker held open
+        time.sleep(60)
+        os._exit(0)
+    _fault_append(path, str(pid))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.parametrize("fault_method", _FAULT_METHODS + ["forkserver"])
+def test_fault_worker_death_seen_while_its_forked_child_lives(fault_method, tmp_path):
+    # The worker's own child inherits its end of the sentinel pipe: the death must be seen anyway.
+    grandchildren = tmp_path / "grandchildren"
+    try:
+        with TaskManager(2, fault_method) as tm, _fault_deadline(30, "execute with a grandchild alive"):
+            results = tm.execute([Task(_fault_fork_then_die, str(grandchildren)), Task(_fault_work, 1)],
+                                 progress=False)
+        assert "ChildProcessError" in results[0] and "SIGKILL" in results[0], results[0]
+        assert results[1] == 11
+    finally:
+        for pid in _fault_pids_in(grandchildren):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_fault_zz_no_stray_processes_left():
     gc.collect()
     deadline = time.monotonic() + 10
