@@ -2604,6 +2604,8 @@ def _fault_fork_then_die(path):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs os.pidfd_open (Python 3.9+ on Linux); "
+                    "without it the worker's death is seen only when its child ends")
 @pytest.mark.parametrize("fault_method", _FAULT_METHODS + ["forkserver"])
 def test_fault_worker_death_seen_while_its_forked_child_lives(fault_method, tmp_path):
     # The worker's own child inherits its end of the sentinel pipe: the death must be seen anyway.
