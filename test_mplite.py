@@ -441,6 +441,28 @@ def test_python_m_mplite_self_test_exits_0(tmp_path):
     assert proc.returncode == 0, proc.stdout.decode(errors="replace")[-3000:]
 
 
+def readme_scripts():
+    """The README's complete examples: its python blocks that run as scripts."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md"), encoding="utf-8") as fh:
+        blocks = re.findall(r"```python\n(.*?)```", fh.read(), re.S)
+    return [block for block in blocks if '__name__ == "__main__"' in block]
+
+
+@pytest.mark.parametrize("index", range(2))
+def test_readme_examples_run(index, tmp_path):
+    scripts = readme_scripts()
+    assert len(scripts) == 2, "the README's runnable examples changed: update this test"
+    script = tmp_path / "example.py"
+    script.write_text(scripts[index], encoding="utf-8")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(mplite.__file__)))
+    proc = subprocess.run([sys.executable, str(script)], cwd=str(tmp_path), env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=110)
+    out = proc.stdout.decode(errors="replace")
+    assert proc.returncode == 0, out[-3000:]
+    expected = ["hereof 5 had errors.", "expected --> Traceback"] if index == 0 else ["sum: 55"]
+    assert all(text in out for text in expected), out[-3000:]
+
+
 def test_spawn_workers_import_this_file_as_module_test_mplite(spool):
     [(name, path, pid)] = spool.execute([Task(module_identity)], progress=False)
     assert name == "test_mplite" == __name__
