@@ -550,6 +550,12 @@ class _Call:
         self.cancelled = False
         self.shown = 0
 
+    def deliver_results(self, start, values):
+        """Results of the tasks start, start+1, ... at once (no chains among them)."""
+        if not self.cancelled:
+            self.results[start:start + len(values)] = values
+            self.left -= len(values)
+
     def deliver(self, slot, ok, value):
         if self.cancelled:
             return
@@ -941,9 +947,7 @@ class _Pool:
             owner, start = job.owner, job.start
             k = min(n - i, job.stop - start)
             if owner.plain:
-                if not owner.cancelled:
-                    owner.results[start:start + k] = values[i:i + k]
-                    owner.left -= k
+                owner.deliver_results(start, values[i:i + k])
             else:
                 for j in range(k):
                     self._finish(owner, start + j, True, values[i + j])
@@ -964,13 +968,9 @@ class _Pool:
         if kind == _DONE:
             return self._deliver(w, [value], now)
         if kind == _FAILED:
-            job = w.jobs[0]
-            slot = job.start
-            job.start += 1
-            if job.start == job.stop:
-                w.jobs.popleft()
+            owner, slot = _pop_head(w.jobs)
             self._answered(w, 1, now)
-            return self._finish(job.owner, slot, False, _Failure(*value))
+            return self._finish(owner, slot, False, _Failure(*value))
         if kind == _READY:
             w.ready = True
             w.since = now
@@ -978,15 +978,10 @@ class _Pool:
         elif kind == _INIT_FAILED:
             raise RuntimeError(f"worker_init {_short(self.init)} failed in a worker process:\n{value}")
         else:  # _UNREADABLE: a task in that message can't be unpickled there; send them one by one
-            count = w.msgs.popleft()
             singles = []
-            while count:
-                job = w.jobs[0]
-                singles.append(self._single(job.owner, job.start, job.payload))
-                job.start += 1
-                if job.start == job.stop:
-                    w.jobs.popleft()
-                count -= 1
+            for _ in range(w.msgs.popleft()):
+                payload = w.jobs[0].payload  # only a job of one task has one
+                singles.append(self._single(*_pop_head(w.jobs), payload))
             w.since = now
             self.pending.extendleft(reversed([j for j in singles if j is not None]))
 
@@ -1082,27 +1077,39 @@ class _Pool:
                                    f"see its output above")
 
     def _time_to_next_timeout(self, now):
-        soonest = None
-        for w in self.workers:
-            if w.jobs and w.ready and w.overdue is None and w.jobs[0].owner.timeout is not None:
-                left = w.since + w.jobs[0].owner.timeout - now
-                soonest = left if soonest is None else min(soonest, left)
-        return None if soonest is None else max(0.0, soonest)
+        deadlines = [d for d in map(_deadline, self.workers) if d is not None]
+        return max(0.0, min(deadlines) - now) if deadlines else None
 
     def _stop_overdue(self, now):
         for w in self.workers:
-            if w.jobs and w.ready and w.overdue is None:
-                head = w.jobs[0]
-                if head.owner.timeout is not None and now - w.since >= head.owner.timeout:
-                    w.overdue = (head.owner, head.start)
-                    w.open = False
-                    w.process.kill()  # _reap gives the task its TimeoutError
+            deadline = _deadline(w)
+            if deadline is not None and now >= deadline:
+                w.overdue = (w.jobs[0].owner, w.jobs[0].start)
+                w.open = False
+                w.process.kill()  # _reap gives the task its TimeoutError
 
     def _index(self):
         keys = {w.sentinel: w for w in self.workers}
         keys.update((w.fd, w) for w in self.workers if not w.eof)
         self._keys = keys
         self._waitables = list(keys)
+
+
+def _deadline(w):
+    """When the task w is running must be done by, or None."""
+    if w.jobs and w.ready and w.overdue is None and w.jobs[0].owner.timeout is not None:
+        return w.since + w.jobs[0].owner.timeout
+    return None
+
+
+def _pop_head(jobs):
+    """(owner, slot) of the first task of a worker's queue, which leaves the queue."""
+    job = jobs[0]
+    slot = job.start
+    job.start += 1
+    if job.start == job.stop:
+        jobs.popleft()
+    return job.owner, slot
 
 
 def _exit_fd(process):

@@ -1219,6 +1219,25 @@ def record_step(prev_task, result, log):
         f.write("%s\n" % result)
 
 
+def _refuse_to_unpickle():
+    raise ValueError("cannot be rebuilt in the worker")
+
+
+class BuiltOnlyHere:
+    """Pickles fine, but fails to unpickle: a message holding it can't be read by the worker."""
+    def __reduce__(self):
+        return (_refuse_to_unpickle, ())
+
+
+def test_a_task_the_worker_cant_unpickle_fails_alone(pool):
+    results = pool.execute([Task(adder, 1, 1), Task(adder, BuiltOnlyHere(), 1), Task(adder, 2, 2)],
+                           progress=False)
+    assert results[0] == 2 and results[2] == 4
+    assert results[1].splitlines()[-1] == "ValueError: cannot be rebuilt in the worker", results[1]
+    pool.submit(Task(adder, BuiltOnlyHere(), 1))
+    assert pool.take(timeout=60).splitlines()[-1] == "ValueError: cannot be rebuilt in the worker"
+
+
 def nap_return(seconds, value):
     time.sleep(seconds)
     return value
