@@ -16,6 +16,17 @@ that raises, kills its worker or runs past its ``timeout`` gets an error as its 
 traceback text, or with ``error_mode="exception"`` the exception raised in the caller); every
 other task still runs, and a dead worker is replaced. ``python -m mplite`` runs a self-test.
 
+The pool works in the background: submitted tasks run while your program does something
+else, and every method may be called from any number of threads at once. Code written for
+``concurrent.futures`` or asyncio can use the same engine through ``ProcessPoolExecutor``:
+
+    from mplite import ProcessPoolExecutor
+
+    with ProcessPoolExecutor() as ex:
+        future = ex.submit(add, 40, 2)          # a concurrent.futures.Future
+        print(future.result())                  # 42
+        print(list(ex.map(add, [1, 2], [3, 4])))  # [4, 6]
+
 Standard library only, Python 3.8+, POSIX (Linux, macOS). MIT licence.
 """
 import atexit
@@ -34,6 +45,8 @@ import traceback
 import types
 import weakref
 from collections import deque
+from concurrent import futures
+from concurrent.futures.process import BrokenProcessPool
 from itertools import repeat
 from math import ceil
 from multiprocessing import get_context, get_all_start_methods
@@ -44,8 +57,9 @@ from multiprocessing.reduction import ForkingPickler
 from operator import add, attrgetter, rshift
 from time import monotonic
 
-__version__ = "2.0.0"
-__all__ = ["Task", "TaskChain", "TaskManager"]
+__version__ = "2.1.0"
+__all__ = ["Task", "TaskChain", "TaskManager", "ProcessPoolExecutor", "UnpicklableTaskError",
+           "WorkerDiedError"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,8 +96,8 @@ class TaskChain:
 
     ``next_task(prev_task, result)`` returns the next ``Task`` or ``TaskChain``, or None to end
     the chain with ``result``. In ``TaskManager.execute`` the chain's place in the results gets
-    the result of its last task; ``next_task`` runs in the parent, and a chain waiting for its
-    next step blocks nothing else.
+    the result of its last task; ``next_task`` runs in the parent (on mplite's engine thread),
+    and a chain waiting for its next step blocks nothing else.
     """
 
     def __init__(self, task, next_task=None):
@@ -126,7 +140,8 @@ class TaskManager:
         over its limit is stopped and replaced, and the task's result is a TimeoutError.
     max_tasks_per_child: replace each worker after this many tasks (for leaky code).
 
-    Use it as a context manager, or call start() and stop(). One thread at a time, please.
+    Use it as a context manager, or call start() and stop(). Once started, the pool works in
+    the background, and every method may be called from any number of threads at once.
     """
 
     def __init__(self, cpu_count=None, context="spawn", worker_init=None, error_mode="str",
@@ -143,7 +158,7 @@ class TaskManager:
         self.max_tasks_per_child = (None if max_tasks_per_child is None
                                     else _positive_int(max_tasks_per_child, "max_tasks_per_child"))
         self._pool = None
-        self._open = 0  # submitted and not yet taken
+        self._lock = threading.Lock()  # guards _pool: start() and stop() may come from any thread
 
     def __repr__(self):
         state = "running" if self._pool else "stopped"
@@ -162,22 +177,32 @@ class TaskManager:
 
     def start(self):
         """Start the workers; wait until they are ready (and have run worker_init)."""
-        if self._pool is not None:
-            return
-        pool = _Pool(self._ctx, self._cpu_count, self.worker_init, self.max_tasks_per_child)
-        pool.start()
-        self._pool = pool
-        self._finalizer = weakref.finalize(self, pool.close)  # a manager dropped unstopped
+        with self._lock:
+            pool = self._pool
+            if pool is None or pool.closed:
+                pool = _Pool(self._ctx, self._cpu_count, self.worker_init, self.max_tasks_per_child,
+                             init_label="worker_init")
+                pool.start()
+                self._pool = pool
+                self._finalizer = weakref.finalize(self, pool.close)  # a manager dropped unstopped
+        try:
+            pool.wait_ready()  # a failing worker_init raises here
+        except BaseException:
+            self._stop(0, pool)
+            raise
 
     def stop(self):
-        """Stop the workers; unfinished tasks are dropped. Safe to call twice, or after errors."""
-        self._stop(grace=1.0)
+        """Stop the workers; unfinished tasks are dropped, and calls waiting for them in other
+        threads raise RuntimeError. Safe to call twice, or after errors."""
+        self._stop(1.0)
 
-    def _stop(self, grace):
-        pool, self._pool, self._open = self._pool, None, 0
-        if pool is not None:
+    def _stop(self, grace, pool=None):
+        with self._lock:
+            if self._pool is None or (pool is not None and pool is not self._pool):
+                return  # stopped already, maybe restarted since: not ours to stop
+            pool, self._pool = self._pool, None
             self._finalizer.detach()
-            pool.close(grace)
+        pool.close(grace)
 
     def execute(self, tasks, tqdm=None, pbar=None, *, progress=True, timeout=_DEFAULT):
         """Run tasks (Task or TaskChain) and return their results in input order.
@@ -194,16 +219,13 @@ class TaskManager:
         if not tasks:
             return []
         call = _Call(tasks, timeout, raise_errors=self.error_mode == "exception")
-        pool.avg = None  # a new call may bring tasks of another size: measure afresh
-        pool.pending.append(_Job(call, 0, len(tasks)))
         try:
-            self._serve(lambda: call.left == 0 or call.cancelled,
-                        progress=None if bar is None else lambda: call.report(bar))
+            pool.put(_Job(call, 0, len(tasks)))
+            self._wait(pool, call.wait, None if bar is None else lambda: call.report(bar))
         finally:
             if bar is not None and pbar is None:
                 bar.close()
         if call.failure is not None:
-            pool.cancel(call)
             raise call.failure.exception()
         return call.results
 
@@ -220,9 +242,13 @@ class TaskManager:
             raise TypeError(f"submit takes a Task or TaskChain, not {type(task).__name__}")
         timeout = self.timeout if timeout is _DEFAULT else _seconds(timeout, "timeout")
         payload = _pickle_task(_entry_task(task))  # fail here, naming the task, if it can't travel
-        pool.pending.append(_Job(_Submitted(task, timeout, pool.inbox), 0, 1, payload))
-        self._open += 1
-        self._serve(lambda: True)  # send it now, if a worker is free
+        inbox = pool.inbox
+        inbox.opened(1)
+        try:
+            pool.put(_Job(_Submitted(task, timeout, inbox), 0, 1, payload))
+        except BaseException:
+            inbox.opened(-1)
+            raise
         return task.id
 
     def take(self, timeout=0):
@@ -234,11 +260,10 @@ class TaskManager:
         if timeout is not None:
             timeout = _seconds(timeout, "timeout", zero_ok=True)
         pool = self._running()
-        if not pool.inbox and self._open:
-            self._serve(lambda: pool.inbox, timeout=timeout)
-        if not pool.inbox:
+        finished = self._wait(pool, pool.inbox.get, timeout)
+        if finished is None or finished is _TIMED_OUT:
             return None
-        return self._unpack(pool.inbox.popleft())[1]
+        return self._unpack(finished)[1]
 
     def as_completed(self, timeout=None):
         """Yield (task, result) for each submitted task as it finishes, until none is open.
@@ -250,35 +275,39 @@ class TaskManager:
 
     def _completed(self, pool, timeout):
         deadline = None if timeout is None else monotonic() + timeout
-        while self._open:
-            if not pool.inbox:
-                left = None if deadline is None else max(0.0, deadline - monotonic())
-                if not self._serve(lambda: pool.inbox, timeout=left):
-                    raise TimeoutError(f"{self._open} submitted tasks did not finish within {timeout} s")
-            yield self._unpack(pool.inbox.popleft())
+        while True:
+            left = None if deadline is None else max(0.0, deadline - monotonic())
+            finished = self._wait(pool, pool.inbox.get, left)
+            if finished is None:
+                return
+            if finished is _TIMED_OUT:
+                raise TimeoutError(f"{pool.inbox.open} submitted tasks did not finish within {timeout} s")
+            yield self._unpack(finished)
 
     @property
     def open_tasks(self):
         """Tasks submitted and not yet taken."""
-        return self._open
+        pool = self._pool
+        return 0 if pool is None else pool.inbox.open
 
     def _running(self):
-        if self._pool is None:
+        pool = self._pool
+        if pool is None:
             raise RuntimeError("the TaskManager is not running: use `with TaskManager() as tm:` or call start()")
-        return self._pool
+        if pool.closed:
+            raise pool.refusal()
+        return pool
 
-    def _serve(self, until, timeout=None, progress=None):
-        pool = self._running()
+    def _wait(self, pool, wait_for, arg):
+        """wait_for(arg), a wait for results. Ctrl-C stops the pool at once: no process is left."""
         try:
-            return pool.serve(until, timeout, progress)
-        except BaseException:
-            # Ctrl-C, or workers that cannot start: stop at once and leave no process behind.
-            self._stop(grace=0)
+            return wait_for(arg)
+        except KeyboardInterrupt:
+            self._stop(0, pool)
             raise
 
     def _unpack(self, finished):
         item, ok, value = finished
-        self._open -= 1
         if ok:
             return item, value
         if self.error_mode == "exception":
@@ -286,30 +315,342 @@ class TaskManager:
         return item, value.text
 
 
+class ProcessPoolExecutor(futures.Executor):
+    """``concurrent.futures.ProcessPoolExecutor`` on mplite's engine: change one import.
+
+    As the standard library's, with mplite's guarantees: a task that kills its worker fails
+    only its own future (with WorkerDiedError, a BrokenProcessPool), the executor goes on; a
+    task past ``timeout`` seconds fails with TimeoutError and its worker is replaced; a future's
+    exception carries the worker's traceback. mp_context=None means spawn; batching is
+    automatic, so ``map``'s chunksize is accepted and ignored.
+    """
+
+    def __init__(self, max_workers=None, mp_context=None, initializer=None, initargs=(), *,
+                 max_tasks_per_child=None, timeout=None):
+        if max_workers is None:
+            max_workers = _usable_cpus()
+        elif isinstance(max_workers, int) and not isinstance(max_workers, bool) and max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        self._timeout = _seconds(timeout, "timeout")
+        self._pool = _Pool(_context("spawn" if mp_context is None else mp_context),
+                           _positive_int(max_workers, "max_workers"),
+                           None if initializer is None else Task(initializer, *initargs),
+                           None if max_tasks_per_child is None
+                           else _positive_int(max_tasks_per_child, "max_tasks_per_child"),
+                           init_label="initializer", drain_at_exit=True)
+        self._shutdown_lock = threading.Lock()
+        self._shutdown = False
+        self._pool.start()  # the workers start in the background; submit() may come at once
+        weakref.finalize(self, self._pool.close, 1.0, True, False)  # dropped unshut: finish, then stop
+
+    @property
+    def _broken(self):
+        """Why the pool broke (a failing initializer), or False: as the standard library's."""
+        failure = self._pool.failure
+        return False if failure is None else str(failure)
+
+    def submit(self, fn, /, *args, **kwargs):
+        with self._shutdown_lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            future = futures.Future()
+            self._pool.put(_Job(_FutureTask(future, Task(fn, *args, **kwargs), self._timeout), 0, 1))
+            return future
+
+    submit.__doc__ = futures.Executor.submit.__doc__
+
+    def map(self, fn, *iterables, timeout=None, chunksize=1, buffersize=None):
+        """Like ``map(fn, *iterables)``, each call run in a worker; results in order, lazily.
+
+        timeout: seconds from this call for the whole iteration (concurrent.futures.TimeoutError).
+        buffersize: at most this many calls submitted ahead of the results you have taken
+        (as Python 3.14's; None submits every call at once).
+        """
+        if not isinstance(chunksize, int) or chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        if buffersize is not None and (not isinstance(buffersize, int) or isinstance(buffersize, bool)):
+            raise TypeError("buffersize must be an integer or None")
+        if buffersize is not None and buffersize < 1:
+            raise ValueError("buffersize must be None or > 0")
+        deadline = None if timeout is None else monotonic() + timeout
+        calls = zip(*iterables)
+        pending = deque(self.submit(fn, *args) for args in itertools.islice(calls, buffersize))
+        return self._results(pending, calls if buffersize else None, fn, deadline)
+
+    def _results(self, pending, more, fn, deadline):
+        try:
+            while pending:
+                if more is not None:  # one out, one in
+                    for args in itertools.islice(more, 1):
+                        pending.append(self.submit(fn, *args))
+                yield _result_or_cancel(pending.popleft(), deadline)
+        finally:
+            for future in pending:
+                future.cancel()
+
+    def shutdown(self, wait=True, *, cancel_futures=False):
+        """No more submit(); pending futures still run (unless cancel_futures), then the workers
+        stop. wait: return only once that is done."""
+        with self._shutdown_lock:
+            self._shutdown = True
+        if cancel_futures:
+            self._pool.command(self._pool.cancel_waiting_futures)
+        self._pool.close(1.0, drain=True, wait=wait)
+
+    def __exit__(self, exc_type, exc_val, exc_tb):
+        if exc_type is KeyboardInterrupt:  # Ctrl-C: stop at once, leave no process behind
+            self.shutdown(wait=False, cancel_futures=True)
+            self._pool.close(0)
+        else:
+            self.shutdown(wait=True)
+        return False
+
+
+def _result_or_cancel(future, deadline):
+    try:
+        return future.result(None if deadline is None else deadline - monotonic())
+    finally:
+        future.cancel()  # does nothing once it is done; a wait that failed leaves it unwanted
+
+
 class UnpicklableTaskError(TypeError, pickle.PicklingError):
     """A task whose function or arguments can't be pickled, so it can't go to a worker."""
+
+
+class WorkerDiedError(ChildProcessError, BrokenProcessPool):
+    """A task's worker process died while running it (killed, crashed, os._exit()).
+
+    A ChildProcessError, as in mplite 1.x, and a BrokenProcessPool, so that code written for
+    concurrent.futures catches it too; only that task fails, the pool goes on.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# How callers wait: an owner for each piece of work, which the engine thread fills in
+#
+# The engine calls an owner's deliver(slot, ok, value) for each finished task (deliver_results
+# for a run of plain results at once), claim() before it sends a job, and stopped(error) for
+# work that will never finish because the pool stopped. A caller waits on its owner only.
+# ---------------------------------------------------------------------------------------------
+
+_TIMED_OUT = object()
+_REDRAW_SECONDS = 0.1  # how often a waiting execute() redraws its progress bar
+
+
+class _Owner:
+    __slots__ = ()
+    plain = False      # its items are Tasks whose results go straight in: deliver_results()
+    cancelled = False  # it wants no more results
+
+    def claim(self):
+        """The engine is about to send one of its jobs: may it go?"""
+        return True
+
+    def stopped(self, error):
+        """The pool stopped (or broke) before this work was done."""
+
+
+class _Call(_Owner):
+    """One execute() call: its tasks, their results in input order, and how many are to come."""
+    __slots__ = ("items", "results", "left", "timeout", "raise_errors", "plain", "failure",
+                 "cancelled", "shown", "done")
+
+    def __init__(self, items, timeout, raise_errors):
+        self.items = items  # what runs next for each slot: a Task, or a TaskChain's current step
+        self.results = [None] * len(items)
+        self.left = len(items)
+        self.timeout = timeout
+        self.raise_errors = raise_errors
+        self.plain = set(map(type, items)) == {Task}  # no chains: results go straight in
+        self.failure = None
+        self.cancelled = False
+        self.shown = 0
+        self.done = threading.Event()
+
+    def wait(self, report):
+        """Block until every result is in, or the call failed; report() progress meanwhile."""
+        if report is None:
+            return self.done.wait()
+        while not self.done.wait(_REDRAW_SECONDS):
+            report()
+        report()
+
+    def deliver_results(self, start, values):
+        """Results of the tasks start, start+1, ... at once (no chains among them)."""
+        if not self.cancelled:
+            self.results[start:start + len(values)] = values
+            self.left -= len(values)
+            if not self.left:
+                self.done.set()
+
+    def deliver(self, slot, ok, value):
+        if self.cancelled:
+            return
+        if ok:
+            self.results[slot] = value
+        elif self.raise_errors:
+            return self.abort(value)
+        else:
+            self.results[slot] = value.text
+        self.left -= 1
+        if not self.left:
+            self.done.set()
+
+    def abort(self, failure):
+        self.failure = failure
+        self.cancelled = True
+        self.done.set()
+
+    def stopped(self, error):
+        if not self.done.is_set():
+            self.abort(_Failure.of(type(error)(*error.args)))  # each waiting call raises its own
+
+    def report(self, bar):
+        done = len(self.results) - self.left
+        if done > self.shown:
+            bar.update(done - self.shown)
+            self.shown = done
+
+
+class _Submitted(_Owner):
+    """One submit()ted task: its result goes to the pool's inbox, for take()."""
+    __slots__ = ("item", "items", "timeout", "inbox")
+
+    def __init__(self, item, timeout, inbox):
+        self.item = item
+        self.items = [item]
+        self.timeout = timeout
+        self.inbox = inbox
+
+    def deliver(self, slot, ok, value):
+        self.inbox.put((self.item, ok, value))
+
+
+class _Inbox:
+    """Finished submitted tasks, until take() or as_completed() hands each to one caller."""
+
+    def __init__(self):
+        self.ready = threading.Condition(threading.Lock())
+        self.finished = deque()  # (item, ok, value)
+        self.open = 0            # submitted and not yet taken
+        self.error = None        # why no more will come: the pool stopped
+
+    def opened(self, n):
+        with self.ready:
+            self.open += n
+
+    def put(self, finished):
+        with self.ready:
+            self.finished.append(finished)
+            self.ready.notify()
+
+    def get(self, timeout):
+        """The next finished task; None if no task is open; _TIMED_OUT after timeout seconds."""
+        deadline = None if timeout is None else monotonic() + timeout
+        with self.ready:
+            while not self.finished:
+                if self.error is not None:
+                    raise RuntimeError(self.error)
+                if not self.open:
+                    return None
+                left = None if deadline is None else deadline - monotonic()
+                if left is not None and left <= 0:
+                    return _TIMED_OUT
+                self.ready.wait(left)
+            self.open -= 1
+            return self.finished.popleft()
+
+    def close(self, error):
+        with self.ready:
+            self.error = str(error)
+            self.finished.clear()
+            self.open = 0
+            self.ready.notify_all()
+
+
+class _FutureTask(_Owner):
+    """One ProcessPoolExecutor.submit(): its result settles a concurrent.futures.Future."""
+    __slots__ = ("future", "items", "timeout", "claimed")
+    plain = True
+
+    def __init__(self, future, task, timeout):
+        self.future = future
+        self.items = [task]
+        self.timeout = timeout
+        self.claimed = False
+
+    def claim(self):
+        if self.claimed:  # sent before, and back in the queue: its worker died before it began
+            return True
+        self.claimed = True
+        return self.future.set_running_or_notify_cancel()  # False: it was cancelled
+
+    def deliver_results(self, start, values):
+        self._settle(self.future.set_result, values[0])
+
+    def deliver(self, slot, ok, value):
+        if ok:
+            self._settle(self.future.set_result, value)
+        else:
+            self._settle(self.future.set_exception, value.exception())
+
+    def stopped(self, error):
+        if not isinstance(error, BrokenProcessPool):
+            error = BrokenProcessPool(str(error))
+        self._settle(self.future.set_exception, error)
+
+    def _settle(self, how, value):
+        try:
+            how(value)
+        except futures.InvalidStateError:  # cancelled by its owner meanwhile
+            pass
 
 
 # ---------------------------------------------------------------------------------------------
 # The engine
 #
-# Every worker has its own Pipe (a socket pair). The parent sends a worker messages, each a
-# pickled list of tasks; the worker answers with one frame per task. The parent sleeps in
-# multiprocessing.connection.wait() on all pipes and process sentinels: a result or a death
-# wakes it at once, and nothing polls.
+# How a task travels:
+#
+#     caller threads            the engine thread (one per pool)          worker processes
+#
+#     execute() ──┐
+#     submit()  ──┼─ put(job) ─► requests ─► pending ─► batch ─► pipe ──► run each task,
+#     Future    ──┘                 │                                     journal its answer
+#        ▲                    self-pipe wakes                                    │
+#        └──── owner ◄─ deliver ◄─ answers ◄───────────────────── pipe ◄─────────┘
+#      (an Event, the inbox,        deaths (a pidfd per worker), timeouts (the clock)
+#       or a Future)
+#
+# One engine thread per pool owns all engine state: the workers, the queue, which worker holds
+# which task. Callers never touch it: they put a job (or a command) on `requests`, wake the
+# engine through a socket it always waits on, and wait on their own owner (see above). So work
+# moves, timeouts fire and dead workers are replaced whether or not anybody is inside an
+# mplite call, and any number of threads can use one pool.
+#
+# Every worker has its own Pipe (a socket pair). The engine sends a worker messages, each a
+# pickled list of tasks; the worker answers with one frame per task. The engine sleeps in
+# multiprocessing.connection.wait() on all pipes, process sentinels and its wake-up socket: a
+# result, a death or a new job wakes it at once, and nothing polls.
 #
 # A system call costs microseconds, more than a tiny task, so a worker does not send each frame
 # on its own: it writes them to a journal in shared memory and sends the journal down the pipe
 # in one write when the message is done (or every few milliseconds). If the worker dies before
-# that, the parent reads the frames it missed from the journal: a worker that dies costs only
+# that, the engine reads the frames it missed from the journal: a worker that dies costs only
 # the task it was running, and finished tasks keep their results. Frames are numbered in the
-# order the worker wrote them, which is how the parent knows which of them it already has.
+# order the worker wrote them, which is how the engine knows which of them it already has.
 #
 # _Worker.jobs, the tasks sent to a worker and not yet answered, in the order the worker runs
 # them, is the one record of which task each worker holds: the first of them is the one running
 # (or just done, its answer not yet sent).
+#
+# Fork and threads: with the fork start method, replacement workers are forked by the engine
+# thread while other threads run. The engine holds none of its locks when it forks (it takes
+# them only to swap a request queue or to hand over a result), so a worker never inherits one
+# of mplite's locks held. A lock that one of *your* threads holds at that moment stays held in
+# the worker (see the README); spawn and forkserver workers start clean.
 # ---------------------------------------------------------------------------------------------
-
 _U64 = struct.Struct("<Q")  # frame lengths, both ways (zero asks a worker to exit), and counters
 _ANSWERS = struct.Struct("<I?d")  # a worker's frame starts: answers, all results?, seconds per task
 _DONE, _FAILED, _READY, _INIT_FAILED, _UNREADABLE = range(5)  # the kinds of answer
@@ -340,7 +681,7 @@ _BOOT_DEATHS = 50  # workers killed before they were ready, in a row, before we 
 def _worker_main(conn, journal, lifeline, lifeline_end, init):
     """The loop each worker process runs: read a message of tasks, run them, answer each."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which then stops us
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked since its birth: see _Pool._run
     lifeline_end.close()  # a forked worker inherits the parent's end: ours would hide its death
     threading.Thread(target=_exit_when_closed, args=(lifeline,), daemon=True).start()
     fd = conn.fileno()
@@ -534,65 +875,6 @@ class _Job:
         self.payload = payload  # a single task, pickled alone, where it must travel that way
 
 
-class _Call:
-    """One execute() call: its tasks, their results in input order, and how many are to come."""
-    __slots__ = ("items", "results", "left", "timeout", "raise_errors", "plain", "failure",
-                 "cancelled", "shown")
-
-    def __init__(self, items, timeout, raise_errors):
-        self.items = items  # what runs next for each slot: a Task, or a TaskChain's current step
-        self.results = [None] * len(items)
-        self.left = len(items)
-        self.timeout = timeout
-        self.raise_errors = raise_errors
-        self.plain = set(map(type, items)) == {Task}  # no chains: results go straight in
-        self.failure = None
-        self.cancelled = False
-        self.shown = 0
-
-    def deliver_results(self, start, values):
-        """Results of the tasks start, start+1, ... at once (no chains among them)."""
-        if not self.cancelled:
-            self.results[start:start + len(values)] = values
-            self.left -= len(values)
-
-    def deliver(self, slot, ok, value):
-        if self.cancelled:
-            return
-        if ok:
-            self.results[slot] = value
-        elif self.raise_errors:
-            return self.abort(value)
-        else:
-            self.results[slot] = value.text
-        self.left -= 1
-
-    def abort(self, failure):
-        self.failure = failure
-        self.cancelled = True
-
-    def report(self, bar):
-        done = len(self.results) - self.left
-        if done > self.shown:
-            bar.update(done - self.shown)
-            self.shown = done
-
-
-class _Submitted:
-    """One submit()ted task: its result goes to the pool's inbox, for take()."""
-    __slots__ = ("item", "items", "timeout", "inbox")
-    plain = cancelled = False
-
-    def __init__(self, item, timeout, inbox):
-        self.item = item
-        self.items = [item]
-        self.timeout = timeout
-        self.inbox = inbox
-
-    def deliver(self, slot, ok, value):
-        self.inbox.append((self.item, ok, value))
-
-
 class _Worker:
     """One worker process, its pipe, and the jobs it holds."""
 
@@ -660,111 +942,12 @@ class _Worker:
         return frames
 
 
-class _Pool:
-    """The engine: worker processes, the jobs waiting for them, the finished ones, and the loop."""
+class _Scheduling:
+    """Part of _Pool: which tasks go to which worker, and when. Engine thread only."""
 
-    def __init__(self, ctx, size, init, max_tasks):
-        self.ctx = ctx
-        self.size = size
-        self.init = init
-        self.max_tasks = max_tasks
-        self.workers = []
-        self.pending = deque()   # jobs waiting for a worker
-        self.parked = None       # (jobs, count, message): too large to prefetch, waits for an idle worker
-        self.inbox = deque()     # (item, ok, value) of finished submitted tasks, for take()
-        self.avg = None          # smoothed seconds per task, as the workers measure it
-        self.closed = False
-        self._keys = {}          # pipe fd or sentinel -> worker, for wait()
-        self._waitables = []
-        self._missing = 0        # workers to start
-        self._boot_deaths = 0
-
-    def start(self):
-        self.pid = os.getpid()
-        _live_pools.add(self)
-        if self.init is not None and self.ctx.get_start_method() != "fork":
-            _pickle_task(self.init)  # say which init can't travel, before starting anything
-        self._lifeline, self._lifeline_end = self.ctx.Pipe(duplex=False)
-        atexit.register(self.close)
-        try:
-            for _ in range(self.size):
-                self._spawn()
-            # Wait for every worker: a failing worker_init raises here, and tasks submitted next
-            # go straight to a worker, with no later call needed to move them.
-            self.serve(lambda: all(w.ready for w in self.workers))
-        except BaseException:
-            self.close(grace=0)
-            raise
-
-    def close(self, grace=0.2):
-        """Ask the workers to exit; after `grace` seconds, terminate the rest. Reap them all."""
-        if self.closed or os.getpid() != self.pid:  # a fork of the parent doesn't own them
-            return
-        self.closed = True
-        atexit.unregister(self.close)
-        for w in self.workers:
-            if not w.ready:  # still starting: it holds no work, so don't wait for it
-                w.process.terminate()
-                continue
-            try:
-                w.send(b"")
-            except OSError:
-                pass
-        processes = [w.process for w in self.workers]
-        alive = _wait_for_exit(processes, grace)
-        for p in alive:
-            p.terminate()
-        for p in _wait_for_exit(alive, 1.0):
-            p.kill()
-        for p in processes:
-            p.join()
-        for w in self.workers:
-            w.close()
-        self.workers.clear()
-        self._lifeline.close()
-        self._lifeline_end.close()
-        self.pending.clear()
-        self.inbox.clear()
-        self.parked = None
-
-    def serve(self, until, timeout=None, progress=None):
-        """The event loop: move jobs and results until until() is true, or timeout seconds pass.
-
-        Returns until(). timeout=0 still reads whatever has arrived once.
-        """
-        deadline = None if timeout is None else monotonic() + timeout
-        polled = False
-        while True:
-            self.dispatch()
-            if until():
-                return True
-            now = monotonic()
-            if polled and deadline is not None and now >= deadline:
-                return False
-            wait_for = self._time_to_next_timeout(now)
-            if deadline is not None:
-                left = max(0.0, deadline - now)
-                wait_for = left if wait_for is None else min(wait_for, left)
-            ready = wait(self._waitables, wait_for)
-            now = monotonic()
-            for key in ready:
-                w = self._keys.get(key)
-                if w is None:
-                    continue  # reaped already in this round
-                if key == w.sentinel:
-                    self._reap(w, now)
-                else:
-                    self._read(w, now)
-            self._stop_overdue(now)
-            if progress is not None:
-                progress()
-            polled = True
-
-    # -- sending work --------------------------------------------------------------------------
-
-    def dispatch(self):
+    def _dispatch(self):
         """Give work to idle workers first, then one more message to each busy one that is on time."""
-        while self._missing and not self.closed:
+        while self._missing:
             self._missing -= 1
             self._spawn()
         for w in self.workers:
@@ -799,9 +982,9 @@ class _Pool:
         else:
             message = None
             while message is None:  # None: none of those could be pickled; try the next ones
-                if not self.pending:
+                jobs = self._next_batch(w)
+                if not jobs:
                     return
-                jobs, count = self._next_batch(w)
                 message = self._pickle_batch(jobs)
             count = sum(j.stop - j.start for j in jobs)  # some may have been dropped
             if w.msgs and len(message) > w.prefetch_bytes:
@@ -842,6 +1025,9 @@ class _Pool:
         jobs, count, pending = [], 0, self.pending
         while pending and count < n:
             job = pending[0]
+            if not job.owner.claim():  # a future cancelled while it waited
+                pending.popleft()
+                continue
             size = job.stop - job.start
             if size <= n - count:
                 jobs.append(pending.popleft())
@@ -851,7 +1037,7 @@ class _Pool:
                 jobs.append(_Job(job.owner, job.start, job.start + take))
                 job.start += take
                 count = n
-        return jobs, count
+        return jobs
 
     def _pending_count(self, enough):
         """Tasks queued, counted up to `enough`."""
@@ -895,19 +1081,32 @@ class _Pool:
             failure = _Failure.of(exc)
             if isinstance(owner, _Call):
                 owner.abort(failure)  # execute() raises it: a task that can't be sent is bad input
+                self._forget(owner)
             else:
                 owner.deliver(slot, False, failure)
             return None
 
-    def cancel(self, call):
-        """Forget the jobs of an aborted execute(): those queued now, and the results of the rest."""
-        call.cancelled = True
-        self.pending = deque(j for j in self.pending if j.owner is not call)
+    def _forget(self, owner):
+        """Drop the queued jobs of an aborted execute(); results of the others are ignored."""
+        self.pending = deque(j for j in self.pending if j.owner is not owner)
         if self.parked is not None:
             jobs, self.parked = self.parked[0], None
-            self.pending.extendleft(reversed([j for j in jobs if j.owner is not call]))
+            self.pending.extendleft(reversed([j for j in jobs if j.owner is not owner]))
 
-    # -- receiving results ---------------------------------------------------------------------
+    def cancel_waiting_futures(self):
+        """A command: cancel the futures that no worker has been sent yet (shutdown(cancel_futures))."""
+        keep = deque()
+        for job in self.pending:
+            owner = job.owner
+            if isinstance(owner, _FutureTask) and not owner.claimed:
+                owner.future.cancel()
+            else:
+                keep.append(job)
+        self.pending = keep
+
+
+class _Answers:
+    """Part of _Pool: reading workers' answers and handing each to its owner. Engine thread only."""
 
     def _read(self, w, now):
         try:
@@ -946,14 +1145,14 @@ class _Pool:
             job = jobs[0]
             owner, start = job.owner, job.start
             k = min(n - i, job.stop - start)
+            job.start = start + k
+            if job.start == job.stop:
+                jobs.popleft()
             if owner.plain:
                 owner.deliver_results(start, values[i:i + k])
             else:
                 for j in range(k):
                     self._finish(owner, start + j, True, values[i + j])
-            job.start = start + k
-            if job.start == job.stop:
-                jobs.popleft()
             i += k
         self._answered(w, n, now)
 
@@ -975,8 +1174,10 @@ class _Pool:
             w.ready = True
             w.since = now
             self._boot_deaths = 0
+            if not self._missing and all(w.ready for w in self.workers):
+                self.ready.set()  # start() returns
         elif kind == _INIT_FAILED:
-            raise RuntimeError(f"worker_init {_short(self.init)} failed in a worker process:\n{value}")
+            raise BrokenProcessPool(f"{self.init_label} {_short(self.init)} failed in a worker process:\n{value}")
         else:  # _UNREADABLE: a task in that message can't be unpickled there; send them one by one
             singles = []
             for _ in range(w.msgs.popleft()):
@@ -1011,8 +1212,12 @@ class _Pool:
                     self.pending.appendleft(_Job(owner, slot, slot + 1))
                     return
         owner.deliver(slot, ok, value)
+        if owner.cancelled:  # an execute() in exception mode failed: the rest of it is not wanted
+            self._forget(owner)
 
-    # -- workers coming and going --------------------------------------------------------------
+
+class _Faults:
+    """Part of _Pool: workers starting, dying, overrunning their timeout. Engine thread only."""
 
     def _spawn(self):
         conn, child_conn = self.ctx.Pipe()
@@ -1021,13 +1226,9 @@ class _Pool:
         journal = Arena(_JOURNAL_SIZE)
         process = self.ctx.Process(target=_worker_main, name="mplite-worker",
                                    args=(child_conn, journal, self._lifeline, self._lifeline_end, self.init))
-        # Block Ctrl-C while starting: the new process inherits the mask, and stays deaf to
-        # SIGINT until the worker loop ignores it, so no worker prints a KeyboardInterrupt.
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
-            process.start()
+            process.start()  # it inherits the engine thread's blocked SIGINT: see _run
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
             child_conn.close()
         self.workers.append(_Worker(process, conn, journal, self.max_tasks))
         self._index()
@@ -1044,8 +1245,7 @@ class _Pool:
         w.close()
         self.workers.remove(w)
         self._index()
-        if not self.closed:
-            self._missing += 1
+        self._missing += 1
         code = w.process.exitcode
         jobs = [j for j in w.jobs if j.start < j.stop]
         began = _U64.unpack_from(w.journal.buffer, 8)[0] > w.sent - len(w.msgs)
@@ -1060,21 +1260,23 @@ class _Pool:
             owner, slot = jobs[0].owner, jobs[0].start
             task = _entry_task(owner.items[slot])
             if w.overdue is not None:
-                error = TimeoutError(f"{_short(task)} did not finish within {owner.timeout} s; "
-                                     f"its worker process was stopped")
+                failure = _Failure.of(TimeoutError(f"{_short(task)} did not finish within "
+                                                   f"{owner.timeout} s; its worker process was stopped"))
             else:
-                error = ChildProcessError(f"the worker process (pid {w.process.pid}) running "
-                                          f"{_short(task)} {_exit_reason(code)}")
+                died = (f"the worker process (pid {w.process.pid}) running {_short(task)} "
+                        f"{_exit_reason(code)}")
+                # Its text reads as in mplite 1.x; exception mode raises the richer class.
+                failure = _Failure(_describe(ChildProcessError(died))[0], exc=WorkerDiedError(died))
             jobs[0].start += 1
             self.pending.extendleft(reversed([j for j in jobs if j.start < j.stop]))  # never started
-            self._finish(owner, slot, False, _Failure.of(error))
+            self._finish(owner, slot, False, failure)
         elif not w.ready:
             # It died while starting. Killed from outside: start another, within reason.
             # Exited by itself: it will again (say, the main module fails to import).
             self._boot_deaths += 1
             if code is None or code >= 0 or self._boot_deaths > _BOOT_DEATHS:
-                raise RuntimeError(f"a worker process {_exit_reason(code)} before it was ready; "
-                                   f"see its output above")
+                raise BrokenProcessPool(f"a worker process {_exit_reason(code)} before it was "
+                                        f"ready; see its output above")
 
     def _time_to_next_timeout(self, now):
         deadlines = [d for d in map(_deadline, self.workers) if d is not None]
@@ -1088,9 +1290,224 @@ class _Pool:
                 w.open = False
                 w.process.kill()  # _reap gives the task its TimeoutError
 
+    def _stop_workers(self, grace):
+        """Ask the workers to exit; after `grace` seconds, terminate the rest. Reap them all."""
+        for w in self.workers:
+            if not w.ready:  # still starting: it holds no work, so don't wait for it
+                w.process.terminate()
+                continue
+            try:
+                w.send(b"")
+            except OSError:
+                pass
+        processes = [w.process for w in self.workers]
+        alive = _wait_for_exit(processes, grace)
+        for p in alive:
+            p.terminate()
+        for p in _wait_for_exit(alive, 1.0):
+            p.kill()
+        for p in processes:
+            p.join()
+        for w in self.workers:
+            w.close()
+        self.workers.clear()
+
+
+class _Pool(_Scheduling, _Answers, _Faults):
+    """The engine: worker processes, the jobs waiting for them, and the thread that runs it all.
+
+    Callers (any thread) use start(), wait_ready(), put(), command() and close(); everything
+    else runs on the engine thread, in the three parts above.
+    """
+
+    def __init__(self, ctx, size, init, max_tasks, init_label, drain_at_exit=False):
+        self.ctx = ctx
+        self.size = size
+        self.init = init
+        self.init_label = init_label  # what errors call init: "worker_init" or "initializer"
+        self.max_tasks = max_tasks
+        self.drain_at_exit = drain_at_exit  # finish the queued work at interpreter exit (executor)
+        self.inbox = _Inbox()
+        self.ready = threading.Event()  # every worker is ready, or the pool broke first
+        self.failure = None             # why the pool broke by itself (a BrokenProcessPool)
+        self.closed = False             # it takes no more requests
+        # Shared between callers and the engine thread, under _lock:
+        self._lock = threading.Lock()
+        self._requests = deque()  # jobs and commands, for the engine thread
+        self._closing = None      # (grace, drain) once close() was asked for
+        self._asleep = False      # the engine is (about to be) waiting: wake it for a request
+        self._wake_r, self._wake_w = socket.socketpair()
+        for s in (self._wake_r, self._wake_w):
+            s.setblocking(False)
+        # The engine thread's own:
+        self.workers = []
+        self.pending = deque()   # jobs waiting for a worker
+        self.parked = None       # (jobs, count, message): too large to prefetch, waits for an idle worker
+        self.avg = None          # smoothed seconds per task, as the workers measure it
+        self._keys = {}          # pipe fd, sentinel or wake-up socket -> worker (or None), for wait()
+        self._waitables = []
+        self._missing = size     # workers to start
+        self._boot_deaths = 0
+
+    # -- what callers use, from any thread -------------------------------------------------------
+
+    def start(self):
+        """Start the engine thread, which starts the workers. Returns at once: see wait_ready()."""
+        self.pid = os.getpid()
+        _live_pools.add(self)
+        if self.init is not None and self.ctx.get_start_method() != "fork":
+            _pickle_task(self.init)  # say which init can't travel, before starting anything
+        self._lifeline, self._lifeline_end = self.ctx.Pipe(duplex=False)
+        atexit.register(self._at_exit)
+        self._thread = threading.Thread(target=self._run, name="mplite-engine", daemon=True)
+        self._thread.start()
+
+    def wait_ready(self):
+        """Wait until every worker is ready; raise why if the pool broke first (worker_init)."""
+        self.ready.wait()
+        if self.failure is not None:
+            raise self.failure
+
+    def put(self, request):
+        """Hand the engine a _Job to run, or a command (a callable) to run on its thread."""
+        with self._lock:
+            if self.closed:
+                raise self.refusal()
+            self._requests.append(request)
+        if self._asleep:
+            self._wake()
+
+    command = put
+
+    def refusal(self):
+        """The error for a request that comes after the pool closed."""
+        if self.failure is not None:
+            return BrokenProcessPool(f"the pool is broken: {self.failure}")
+        return RuntimeError("the pool has been stopped: no more tasks can be submitted")
+
+    def close(self, grace=0.2, drain=False, wait=True):
+        """Stop the pool: at once, or (drain) once the work already handed over is done.
+
+        The workers get `grace` seconds to exit before they are terminated. wait: return once
+        all that is done. A close at once overrides a draining one asked for before.
+        """
+        if os.getpid() != self.pid:  # a fork of the parent doesn't own the pool
+            return
+        with self._lock:
+            if self._closing is None or (self._closing[1] and not drain):
+                self._closing = (grace, drain)
+        self._wake()
+        if wait and threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    def _at_exit(self):
+        # An executor finishes what it was given, as the standard library's does; not after a
+        # Ctrl-C ended the program, nor for a TaskManager, which stops at once.
+        interrupted = getattr(sys, "last_type", None) is KeyboardInterrupt
+        self.close(drain=self.drain_at_exit and not interrupted)
+
+    def _wake(self):
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:  # its buffer is full (the engine will wake anyway), or it is closed
+            pass
+
+    # -- the engine thread ---------------------------------------------------------------------
+
+    def _run(self):
+        # The workers this thread starts inherit its signal mask: with SIGINT blocked they stay
+        # deaf to Ctrl-C until they ignore it, so no worker prints a KeyboardInterrupt.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        self._index()
+        error = None
+        try:
+            while self._turn():
+                pass
+        except BrokenProcessPool as exc:
+            error = exc
+        except BaseException as exc:  # a bug of ours: fail every caller, rather than hang one
+            error = BrokenProcessPool(f"mplite's engine failed: {''.join(traceback.format_exception(type(exc), exc, exc.__traceback__))}")
+        self._shut_down(error)
+
+    def _turn(self):
+        """One round of the engine loop; False once the pool is to close."""
+        self._take_requests()
+        closing = self._closing
+        if closing is not None and (not closing[1] or self._idle()):
+            return False
+        self._dispatch()
+        now = monotonic()
+        wait_for = self._time_to_next_timeout(now)
+        self._asleep = True
+        if self._requests or self._closing is not closing:  # came in since: no sleep
+            wait_for = 0
+        ready = wait(self._waitables, wait_for)
+        self._asleep = False
+        now = monotonic()
+        for key in ready:
+            w = self._keys.get(key)
+            if w is None:
+                if key is self._wake_r:
+                    self._drain_wake_ups()
+                continue  # or reaped already in this round
+            if key == w.sentinel:
+                self._reap(w, now)
+            else:
+                self._read(w, now)
+        self._stop_overdue(now)
+        return True
+
+    def _take_requests(self):
+        requests = self._requests
+        while requests:
+            request = requests.popleft()
+            if request.__class__ is not _Job:
+                request()  # a command
+                continue
+            if request.owner.__class__ is _Call:
+                self.avg = None  # a new call may bring tasks of another size: measure afresh
+            self.pending.append(request)
+
+    def _drain_wake_ups(self):
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:  # nothing more to read
+            pass
+
+    def _idle(self):
+        return not (self.pending or self.parked or self._requests or any(w.jobs for w in self.workers))
+
+    def _shut_down(self, error):
+        """Tell every waiting caller the pool is gone, then stop the workers (engine thread)."""
+        with self._lock:
+            self.closed = True
+            self.failure = error
+            requests, self._requests = self._requests, deque()
+        atexit.unregister(self._at_exit)
+        if error is None:
+            error = RuntimeError("the pool was stopped before this work was done")
+        jobs = [r for r in requests if r.__class__ is _Job] + list(self.pending)
+        jobs += self.parked[0] if self.parked else []
+        for w in self.workers:
+            jobs += w.jobs
+        for owner in {id(j.owner): j.owner for j in jobs}.values():
+            owner.stopped(error)
+        self.inbox.close(error)
+        self.pending.clear()
+        self.parked = None
+        self.ready.set()
+        grace = self._closing[0] if self._closing else 0
+        self._stop_workers(grace)
+        self._lifeline.close()
+        self._lifeline_end.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
     def _index(self):
         keys = {w.sentinel: w for w in self.workers}
         keys.update((w.fd, w) for w in self.workers if not w.eof)
+        keys[self._wake_r] = None
         self._keys = keys
         self._waitables = list(keys)
 
