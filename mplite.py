@@ -35,6 +35,7 @@ import linecache
 import os
 import pickle
 import reprlib
+import selectors
 import signal
 import socket
 import struct
@@ -73,13 +74,20 @@ _DEFAULT = object()  # "not given": lets execute(timeout=None) mean "no limit fo
 class Task:
     """A function call to run in a worker: ``Task(f, *args, **kwargs)``."""
 
-    def __init__(self, f, *args, **kwargs):
+    def __init__(self, /, f, *args, **kwargs):
         if not callable(f):
             raise TypeError(f"Task needs a callable as its first argument, not {f!r}")
         self.f = f
         self.args = args
         self.kwargs = kwargs
         self.id = next(_ids)
+
+    @classmethod
+    def _of(cls, f, args, kwargs):
+        """A Task of f(*args, **kwargs), even where kwargs has a key named f."""
+        task = cls.__new__(cls)
+        task.f, task.args, task.kwargs, task.id = f, args, kwargs, next(_ids)
+        return task
 
     def __repr__(self):
         return f"Task(f={_name(self.f)}, *{self.args!r}, **{self.kwargs!r})"
@@ -356,7 +364,7 @@ class ProcessPoolExecutor(futures.Executor):
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             future = futures.Future()
-            self._pool.put(_Job(_FutureTask(future, Task(fn, *args, **kwargs), self._timeout), 0, 1))
+            self._pool.put(_Job(_FutureTask(future, Task._of(fn, args, kwargs), self._timeout), 0, 1))
             return future
 
     submit.__doc__ = futures.Executor.submit.__doc__
@@ -539,7 +547,7 @@ class _Inbox:
 
     def opened(self, n):
         with self.ready:
-            self.open += n
+            self._count(n)
 
     def put(self, finished):
         with self.ready:
@@ -559,8 +567,13 @@ class _Inbox:
                 if left is not None and left <= 0:
                     return _TIMED_OUT
                 self.ready.wait(left)
-            self.open -= 1
+            self._count(-1)
             return self.finished.popleft()
+
+    def _count(self, n):
+        self.open += n
+        if not self.open:  # those waiting for more get None: nothing is open
+            self.ready.notify_all()
 
     def close(self, error):
         with self.ready:
@@ -689,7 +702,7 @@ def _worker_main(conn, journal, lifeline, lifeline_end, init):
     try:
         if init is not None:
             try:
-                init.execute()
+                init.f(*init.args, **init.kwargs)  # called here: its traceback starts at init
             except BaseException as exc:
                 return out.post(_INIT_FAILED, _describe(exc)[0])
         out.post(_READY, os.getpid())
@@ -1113,7 +1126,7 @@ class _Answers:
             frames = w.receive()
         except (EOFError, OSError):
             w.eof = True
-            self._index()
+            self._selector.unregister(w.fd)
             return
         for frame in frames:
             self._take(w, frame, now)
@@ -1227,11 +1240,13 @@ class _Faults:
         process = self.ctx.Process(target=_worker_main, name="mplite-worker",
                                    args=(child_conn, journal, self._lifeline, self._lifeline_end, self.init))
         try:
-            process.start()  # it inherits the engine thread's blocked SIGINT: see _run
+            process.start()  # with SIGINT blocked: see start()
         finally:
             child_conn.close()
-        self.workers.append(_Worker(process, conn, journal, self.max_tasks))
-        self._index()
+        w = _Worker(process, conn, journal, self.max_tasks)
+        self.workers.append(w)
+        self._selector.register(w.sentinel, selectors.EVENT_READ, w)
+        self._selector.register(w.fd, selectors.EVENT_READ, w)
 
     def _reap(self, w, now):
         """A worker process has ended: collect what it sent, charge its running task, replace it."""
@@ -1242,9 +1257,11 @@ class _Faults:
             if number >= w.received:  # finished and written down, never sent
                 w.received += 1
                 self._take_one(w, kind, blob, now)
+        self._selector.unregister(w.sentinel)
+        if not w.eof:
+            self._selector.unregister(w.fd)
         w.close()
         self.workers.remove(w)
-        self._index()
         self._missing += 1
         code = w.process.exitcode
         jobs = [j for j in w.jobs if j.start < j.stop]
@@ -1344,20 +1361,37 @@ class _Pool(_Scheduling, _Answers, _Faults):
         self.pending = deque()   # jobs waiting for a worker
         self.parked = None       # (jobs, count, message): too large to prefetch, waits for an idle worker
         self.avg = None          # smoothed seconds per task, as the workers measure it
-        self._keys = {}          # pipe fd, sentinel or wake-up socket -> worker (or None), for wait()
-        self._waitables = []
-        self._missing = size     # workers to start
+        self._selector = selectors.DefaultSelector()  # what the engine sleeps on: see _turn
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._missing = 0        # workers to start: replacements of those that ended
         self._boot_deaths = 0
 
     # -- what callers use, from any thread -------------------------------------------------------
 
     def start(self):
-        """Start the engine thread, which starts the workers. Returns at once: see wait_ready()."""
+        """Start the workers and the engine thread. Returns at once, not waiting for the workers
+        to be ready: see wait_ready().
+
+        The workers are started here, in the caller's thread, not by the engine: a spawned
+        worker learns the main script's path from __main__.__file__, which Python deletes once
+        the script is done, so workers started later (say, at exit) could not import it.
+        """
         self.pid = os.getpid()
         _live_pools.add(self)
         if self.init is not None and self.ctx.get_start_method() != "fork":
             _pickle_task(self.init)  # say which init can't travel, before starting anything
         self._lifeline, self._lifeline_end = self.ctx.Pipe(duplex=False)
+        # Blocked SIGINT is inherited: a worker stays deaf to Ctrl-C until it ignores it, so no
+        # worker prints a KeyboardInterrupt. The engine thread keeps it blocked: see _run.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            for _ in range(self.size):
+                self._spawn()
+        except BaseException:
+            self._stop_workers(0)
+            raise
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         atexit.register(self._at_exit)
         self._thread = threading.Thread(target=self._run, name="mplite-engine", daemon=True)
         self._thread.start()
@@ -1415,10 +1449,8 @@ class _Pool(_Scheduling, _Answers, _Faults):
     # -- the engine thread ---------------------------------------------------------------------
 
     def _run(self):
-        # The workers this thread starts inherit its signal mask: with SIGINT blocked they stay
-        # deaf to Ctrl-C until they ignore it, so no worker prints a KeyboardInterrupt.
+        # Replacement workers inherit this thread's signal mask: SIGINT blocked, as in start().
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        self._index()
         error = None
         try:
             while self._turn():
@@ -1441,16 +1473,16 @@ class _Pool(_Scheduling, _Answers, _Faults):
         self._asleep = True
         if self._requests or self._closing is not closing:  # came in since: no sleep
             wait_for = 0
-        ready = wait(self._waitables, wait_for)
+        ready = self._selector.select(wait_for)
         self._asleep = False
         now = monotonic()
-        for key in ready:
-            w = self._keys.get(key)
+        for key, _ in ready:
+            w = key.data
             if w is None:
-                if key is self._wake_r:
-                    self._drain_wake_ups()
-                continue  # or reaped already in this round
-            if key == w.sentinel:
+                self._drain_wake_ups()
+            elif w not in self.workers:
+                continue  # reaped already in this round
+            elif key.fileobj == w.sentinel:
                 self._reap(w, now)
             else:
                 self._read(w, now)
@@ -1501,15 +1533,10 @@ class _Pool(_Scheduling, _Answers, _Faults):
         self._stop_workers(grace)
         self._lifeline.close()
         self._lifeline_end.close()
+        self._selector.close()
         self._wake_r.close()
         self._wake_w.close()
 
-    def _index(self):
-        keys = {w.sentinel: w for w in self.workers}
-        keys.update((w.fd, w) for w in self.workers if not w.eof)
-        keys[self._wake_r] = None
-        self._keys = keys
-        self._waitables = list(keys)
 
 
 def _deadline(w):

@@ -8,6 +8,7 @@ Usage
     python benchmarks/bench.py --methods spawn --repeat 5 --workers 4
     python benchmarks/bench.py --only mplite,Pool.map --workloads W1,W6   # a quick subset
     python benchmarks/bench.py --mplite1-path DIR     # add mplite 1.3.x (or set MPLITE1_PATH=DIR)
+    python benchmarks/bench.py --baseline-path DIR    # add another mplite.py, e.g. the last release
 
 mplite 1.3.x is also called ``mplite``, so it cannot be imported beside this repository's
 mplite.py: install it into a throw-away folder and point --mplite1-path at it, e.g.
@@ -53,7 +54,8 @@ by definition); it has no pool, so one set of its runs serves every start method
 Contenders: serial loop; multiprocessing.Pool (``map``, default chunksize; ``imap``,
 chunksize=1; W4/W6 use one Pool, ``apply_async().get()`` for W6, so they are shown once under
 Pool.map); concurrent.futures.ProcessPoolExecutor (``map`` chunksize=1, ``submit().result()``);
-mplite (``execute``, ``submit`` + ``take(timeout=None)``); optional: mplite 1.3.x (``execute``
+mplite (``execute``, ``submit`` + ``take(timeout=None)``); mplite's ProcessPoolExecutor (``map``,
+``submit().result()``); optional: another mplite.py given by --baseline-path (as mplite); mplite 1.3.x (``execute``
 with a silent pbar; W6 polls the non-blocking ``take()``), loky (``get_reusable_executor``,
 which refuses 'fork': it gets loky's own start method there, and the table says so), pebble
 (``ProcessPool``), mpire (``WorkerPool``, keep_alive=True).
@@ -236,6 +238,22 @@ class Mplite(Adapter):
         return mplite.__version__
 
 
+class MplitePPE(Mplite):
+    label = "mplite.ProcessPoolExecutor"
+
+    def open(self):
+        import mplite
+        return mplite.ProcessPoolExecutor(self.workers, mp_context=self.ctx())
+
+    map = PPE.map
+    roundtrip = PPE.roundtrip
+
+
+class MpliteBaseline(Mplite):
+    """Another mplite.py (say, the last release) beside this one: --baseline-path DIR."""
+    label = "mplite baseline"
+
+
 class _SilentBar:
     def update(self, n=1):
         pass
@@ -319,6 +337,8 @@ CONTENDERS = {
     "Pool.imap": PoolImap,
     "ProcessPoolExecutor": PPE,
     "mplite": Mplite,
+    "mplite.PPE": MplitePPE,
+    "mplite-baseline": MpliteBaseline,
     "mplite1": Mplite1,
     "loky": Loky,
     "pebble": Pebble,
@@ -475,8 +495,13 @@ def available_contenders(opts):
         if opts.only and name not in opts.only:
             continue
         path = None
-        if name == "mplite":
+        if name in ("mplite", "mplite.PPE"):
             path = opts.mplite_path
+        elif name == "mplite-baseline":
+            path = opts.baseline_path
+            if not path:
+                skipped.append("mplite baseline (give --baseline-path DIR)")
+                continue
         elif name == "mplite1":
             path = opts.mplite1_path
             if not path:
@@ -491,7 +516,14 @@ def available_contenders(opts):
         if version is None:
             skipped.append("%s (%s)" % (cls.label, why))
             continue
-        label = "mplite " + version if cls.module == "mplite" else "%s %s" % (cls.label, version)
+        if name == "mplite.PPE":
+            label = "mplite %s ProcessPoolExecutor" % version
+        elif name == "mplite-baseline":
+            label = "mplite %s (baseline)" % version
+        elif cls.module == "mplite":
+            label = "mplite " + version
+        else:
+            label = "%s %s" % (cls.label, version)
         chosen[name] = (label, path)
     return chosen, skipped
 
@@ -688,6 +720,8 @@ def parse_args(argv):
     p.add_argument("--out", help="also write the Markdown table to this file")
     p.add_argument("--mplite-path", default=REPO_ROOT,
                    help="folder holding the mplite to test (default: the repository root)")
+    p.add_argument("--baseline-path", default="",
+                   help="folder holding another mplite.py to compare with, e.g. the last release")
     p.add_argument("--mplite1-path", default=os.environ.get("MPLITE1_PATH", ""),
                    help="folder holding mplite 1.3.x (default: $MPLITE1_PATH)")
     p.add_argument("--child-timeout", type=float, default=300,
