@@ -722,7 +722,9 @@ def _serve_messages(fd, out):
         except BaseException:
             out.post(_UNREADABLE, None)
             continue
+        del message
         out.run(batch, each)
+        del batch  # the tasks' arguments are let go now, not when the next message comes
 
 
 class _Outbox:
@@ -911,7 +913,9 @@ class _Worker:
         self.overdue = None     # (owner, slot) of the task it was stopped for, past its timeout
         self.received = 0       # answers read from its pipe
         self.sent = 0           # messages of tasks sent to it
-        self._buf = b""
+        self._buf = b""         # the start of a frame, read without its end
+        self._read_into = memoryview(bytearray(_READ_SIZE))  # reused: a fresh 256 KiB each read
+        # would be mapped and unmapped by malloc every time, in a thread's arena
         self._big = None        # a large frame being read, and how much of it has arrived
         self._have = 0
 
@@ -934,9 +938,10 @@ class _Worker:
                 return ()
             frame, self._big = self._big, None
             return (frame,)
-        data = os.read(self.fd, _READ_SIZE)
-        if not data:
+        got = os.readv(self.fd, [self._read_into])
+        if not got:
             raise EOFError
+        data = self._read_into[:got]
         buf = self._buf + data if self._buf else data
         frames, pos, end = [], 0, len(buf)
         unpack = _U64.unpack_from
@@ -949,9 +954,9 @@ class _Worker:
                     self._big[:self._have] = buf[pos + 8:]
                     pos = end
                 break
-            frames.append(buf[pos + 8:pos + 8 + n])
+            frames.append(bytes(buf[pos + 8:pos + 8 + n]))
             pos += 8 + n
-        self._buf = buf[pos:]
+        self._buf = bytes(buf[pos:])
         return frames
 
 
@@ -1295,17 +1300,20 @@ class _Faults:
                 raise BrokenProcessPool(f"a worker process {_exit_reason(code)} before it was "
                                         f"ready; see its output above")
 
-    def _time_to_next_timeout(self, now):
-        deadlines = [d for d in map(_deadline, self.workers) if d is not None]
-        return max(0.0, min(deadlines) - now) if deadlines else None
-
-    def _stop_overdue(self, now):
+    def _enforce_timeouts(self, now):
+        """Kill the workers whose task is past its timeout; seconds to the next deadline, or None."""
+        soonest = None
         for w in self.workers:
             deadline = _deadline(w)
-            if deadline is not None and now >= deadline:
+            if deadline is None:
+                continue
+            if now >= deadline:
                 w.overdue = (w.jobs[0].owner, w.jobs[0].start)
                 w.open = False
                 w.process.kill()  # _reap gives the task its TimeoutError
+            elif soonest is None or deadline < soonest:
+                soonest = deadline
+        return None if soonest is None else soonest - now
 
     def _stop_workers(self, grace):
         """Ask the workers to exit; after `grace` seconds, terminate the rest. Reap them all."""
@@ -1468,8 +1476,7 @@ class _Pool(_Scheduling, _Answers, _Faults):
         if closing is not None and (not closing[1] or self._idle()):
             return False
         self._dispatch()
-        now = monotonic()
-        wait_for = self._time_to_next_timeout(now)
+        wait_for = self._enforce_timeouts(monotonic())
         self._asleep = True
         if self._requests or self._closing is not closing:  # came in since: no sleep
             wait_for = 0
@@ -1486,7 +1493,6 @@ class _Pool(_Scheduling, _Answers, _Faults):
                 self._reap(w, now)
             else:
                 self._read(w, now)
-        self._stop_overdue(now)
         return True
 
     def _take_requests(self):
@@ -1502,7 +1508,7 @@ class _Pool(_Scheduling, _Answers, _Faults):
 
     def _drain_wake_ups(self):
         try:
-            while self._wake_r.recv(4096):
+            while len(self._wake_r.recv(4096)) == 4096:
                 pass
         except OSError:  # nothing more to read
             pass

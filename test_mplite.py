@@ -5,6 +5,8 @@ module ``test_mplite`` (pytest puts its folder on sys.path, which the workers in
 Every test runs under a watchdog, so a hang ends the run with tracebacks instead of blocking CI.
 """
 import ast
+import asyncio
+import concurrent.futures
 import contextlib
 import ctypes
 import faulthandler
@@ -28,6 +30,7 @@ import time
 import traceback
 import weakref
 from collections import Counter
+from concurrent.futures.process import BrokenProcessPool
 
 import pytest
 
@@ -314,13 +317,24 @@ def watchdog():
 
 @pytest.fixture(scope="module", autouse=True)
 def no_stray_processes():
-    """After this module (all its managers stopped), no worker of ours may be left behind."""
+    """After this module (all its managers and executors stopped), no worker of ours may be left
+    behind, nor any thread of mplite's, nor any non-daemon thread that would hold up the exit."""
     yield
     deadline = time.monotonic() + 15  # stopped workers may take a moment to be reaped
     while (multiprocessing.active_children() or descendant_processes()) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert multiprocessing.active_children() == []
     assert descendant_processes() == []
+    deadline = time.monotonic() + 15
+    while leftover_threads() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert leftover_threads() == []
+
+
+def leftover_threads():
+    """Live threads other than the main one that are mplite's or not daemons."""
+    return sorted(t.name for t in threading.enumerate() if t is not threading.main_thread()
+                  and (t.name.startswith("mplite") or not t.daemon))
 
 
 class Pools:
@@ -397,8 +411,9 @@ def spool(pools):
 # ---------------------------------------------------------------------------------------------
 
 def test_version_and_all():
-    assert mplite.__version__ == "2.0.0"
-    assert mplite.__all__ == ["Task", "TaskChain", "TaskManager"]
+    assert mplite.__version__ == "2.1.0"
+    assert mplite.__all__ == ["Task", "TaskChain", "TaskManager", "ProcessPoolExecutor", "UnpicklableTaskError",
+                              "WorkerDiedError"]
 
 
 def test_source_is_stdlib_only_and_parses_as_python_3_8():
@@ -448,10 +463,17 @@ def readme_scripts():
     return [block for block in blocks if '__name__ == "__main__"' in block]
 
 
-@pytest.mark.parametrize("index", range(2))
+README_OUTPUTS = [  # what each of the README's runnable examples prints, in part
+    ["hereof 5 had errors.", "expected --> Traceback"],
+    ["sum: 55"],
+    ["144", "[0, 1, 4, 9, 16]", "asyncio: 25"],
+]
+
+
+@pytest.mark.parametrize("index", range(len(README_OUTPUTS)))
 def test_readme_examples_run(index, tmp_path):
     scripts = readme_scripts()
-    assert len(scripts) == 2, "the README's runnable examples changed: update this test"
+    assert len(scripts) == len(README_OUTPUTS), "the README's runnable examples changed: update this test"
     script = tmp_path / "example.py"
     script.write_text(scripts[index], encoding="utf-8")
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(mplite.__file__)))
@@ -459,8 +481,7 @@ def test_readme_examples_run(index, tmp_path):
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=110)
     out = proc.stdout.decode(errors="replace")
     assert proc.returncode == 0, out[-3000:]
-    expected = ["hereof 5 had errors.", "expected --> Traceback"] if index == 0 else ["sum: 55"]
-    assert all(text in out for text in expected), out[-3000:]
+    assert all(text in out for text in README_OUTPUTS[index]), out[-3000:]
 
 
 def test_spawn_workers_import_this_file_as_module_test_mplite(spool):
@@ -2198,13 +2219,14 @@ if __name__ == "__main__":
 
 
 class _FaultScript:
-    """The child script above, in its own session (so its process group is what a terminal sees)."""
+    """A child script (the one above unless told), in its own session (so its process group is what a
+    terminal sees)."""
 
-    def __init__(self, tmp_path, scenario, method):
+    def __init__(self, tmp_path, scenario, method, script=_FAULT_SCRIPT):
         self.dir = tmp_path / "markers"
         self.dir.mkdir()
-        script = tmp_path / "fault_child.py"
-        script.write_text(_FAULT_SCRIPT.replace("@@REPO@@", repr(_FAULT_REPO)))
+        source, script = script, tmp_path / "fault_child.py"
+        script.write_text(source.replace("@@REPO@@", repr(_FAULT_REPO)))
         self.out_path, self.err_path = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
         with open(str(self.out_path), "w") as out, open(str(self.err_path), "w") as err:
             self.proc = subprocess.Popen([sys.executable, str(script), scenario, method, str(self.dir)],
@@ -2630,6 +2652,993 @@ def test_fault_tiny_tasks_timeout(fault_method, tmp_path):
         assert res[:slow_at] + res[slow_at + 1:] == [i * 3 for i in range(n) if i != slow_at]
         assert Counter(int(x) for x in _fault_lines(log)) == Counter(i for i in range(n) if i != slow_at)
         _fault_wait_pool(tm, init, 2, exact_inits=3)
+
+
+# =============================================================================================
+# Issue 7: the engine works in the background, every TaskManager method is safe from any thread,
+# and mplite.ProcessPoolExecutor gives concurrent.futures / asyncio code the same engine.
+#
+# As everywhere in this file: no timed assertions. Progress is shown by gates (files that only a
+# finished task writes, futures that only a finished task completes), each bounded by a deadline
+# so that no progress is a failure, not a hang. Threads are joined with a timeout, then checked.
+# =============================================================================================
+
+ENGINE_THREAD_NAME = "mplite-engine"
+
+
+# ---------------------------------------------------------------------------------------------
+# Task functions (module level, picklable)
+# ---------------------------------------------------------------------------------------------
+
+def _bg_write_atomically(path, text):
+    tmp = "%s.%d.tmp" % (path, os.getpid())
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _bg_touch_after(path, seconds, value):
+    """Sleep, then create `path` (atomically): the file exists only once the task has finished."""
+    time.sleep(seconds)
+    _bg_write_atomically(path, str(os.getpid()))
+    return value
+
+
+def _bg_gated(marker, gate, value, limit=60):
+    """Create `marker` (the task runs now), then wait for the file `gate` (bounded), return value."""
+    _bg_write_atomically(marker, str(os.getpid()))
+    return wait_for_file(gate, value, limit)
+
+
+def _bg_pid_then_sleep(pid_file, seconds):
+    _bg_write_atomically(pid_file, str(os.getpid()))
+    time.sleep(seconds)
+    return "slept %s" % seconds
+
+
+_PARENT_MARK = None  # set by a test in the parent: forked workers see it, spawned ones don't
+
+
+def _bg_worker_identity():
+    with open("/proc/self/cmdline", "rb") as fh:
+        cmdline = fh.read().replace(b"\0", b" ").decode(errors="replace")
+    return _PARENT_MARK, cmdline, os.getpid()
+
+
+class StaleCheck:
+    """An object whose collection shows that the executor let go of it (CPython's MyObject)."""
+
+    def my_method(self):
+        return None
+
+
+def make_stale_check():
+    return StaleCheck()
+
+
+def ignore_args(*args, **kwargs):
+    return None
+
+
+class DelMarker:
+    """Creates `path` when a copy of it is collected in another process (a worker)."""
+
+    def __init__(self, path):
+        self.path, self.parent = path, os.getpid()
+
+    def __del__(self):
+        if os.getpid() != self.parent:
+            _bg_write_atomically(self.path, "collected")
+
+
+class RaiseAtPickle:
+    def __reduce__(self):
+        raise ValueError("this object refuses to be pickled")
+
+
+class ExitAtPickle:
+    def __reduce__(self):
+        sys.exit(1)
+
+
+class CrashAtPickle:
+    def __reduce__(self):
+        os._exit(3)
+
+
+class CrashAtUnpickle:
+    """Pickles fine; rebuilding it (in a worker) ends that process."""
+
+    def __reduce__(self):
+        return (_fault_die, ("exit3",))
+
+
+def return_instance(cls):
+    return cls()
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+def wait_until(predicate, limit, what):
+    """Bounded poll until predicate() is true; fail the test naming `what` otherwise."""
+    deadline = time.monotonic() + limit
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail("%s: not so after %s s" % (what, limit))
+        time.sleep(0.01)
+
+
+def run_threads(targets, limit=90):
+    """Run each callable in its own thread, all released together; join them (bounded) and
+    re-raise the first failure. A thread still running after `limit` seconds is a hang."""
+    errors = []
+    barrier = threading.Barrier(len(targets))
+
+    def run(fn):
+        try:
+            barrier.wait(30)
+            fn()
+        except BaseException as exc:  # handed to the test's thread
+            errors.append((threading.current_thread().name, exc))
+
+    threads = [threading.Thread(target=run, args=(fn,), name="test-thread-%d" % i, daemon=True)
+               for i, fn in enumerate(targets)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + limit
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    hung = [t.name for t in threads if t.is_alive()]
+    if hung:
+        pytest.fail("hang: threads %s had not finished after %s s" % (hung, limit))
+    if errors:
+        name, exc = errors[0]
+        raise AssertionError("%d of %d threads failed; %s: %r" % (len(errors), len(targets), name, exc)) from exc
+
+
+def engine_threads():
+    return {t for t in threading.enumerate() if t.name.startswith(ENGINE_THREAD_NAME)}
+
+
+def wait_engine_threads_gone(threads, limit=15):
+    wait_until(lambda: not any(t.is_alive() for t in threads), limit,
+               "engine threads %s end once their pool is stopped" % sorted(t.name for t in threads))
+
+
+def wait_files(paths, limit, what):
+    """Bounded wait, outside mplite, until every path exists."""
+    paths = [str(p) for p in paths]
+    deadline = time.monotonic() + limit
+    while True:
+        missing = [p for p in paths if not os.path.exists(p)]
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail("%s: %d of %d files still missing after %s s, e.g. %s"
+                        % (what, len(missing), len(paths), limit, os.path.basename(missing[0])))
+        time.sleep(0.01)
+
+
+def make_executor(max_workers=2, method="spawn", **kwargs):
+    return mplite.ProcessPoolExecutor(max_workers, mp_context=method, **kwargs)
+
+
+def executor_pids(ex, parent_dir, n):
+    """The pids of the n workers of a fresh executor (see rendezvous)."""
+    folder = tempfile.mkdtemp(dir=str(parent_dir))
+    return set(ex.map(rendezvous, [folder] * n, [n] * n, timeout=60))
+
+
+class Executors:
+    """Running executors (2 workers) shared by this module's tests, one per start method."""
+
+    def __init__(self):
+        self.executors = {}
+
+    def get(self, method):
+        if method not in self.executors:
+            self.executors[method] = make_executor(2, method)
+        return self.executors[method]
+
+    def close(self):
+        faulthandler.dump_traceback_later(WATCHDOG_S, exit=True)
+        for ex in self.executors.values():
+            ex.shutdown(wait=True, cancel_futures=True)
+        faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.fixture(scope="module")
+def executors():
+    cache = Executors()
+    yield cache
+    cache.close()
+
+
+@pytest.fixture
+def spex(executors):
+    """The shared spawn executor, for tests where the start method doesn't matter."""
+    return executors.get("spawn")
+
+
+# ---------------------------------------------------------------------------------------------
+# TaskManager: work moves while no caller is inside mplite
+# ---------------------------------------------------------------------------------------------
+
+def test_tasks_finish_while_the_caller_waits_outside_mplite(pool, tmp_path):
+    # 8 tasks on 2 workers: at least 4 rounds. The caller only watches the file system, so every
+    # round after the first needs the engine to move work on its own.
+    paths = [tmp_path / ("done-%d" % i) for i in range(8)]
+    for i, path in enumerate(paths):
+        pool.submit(Task(_bg_touch_after, str(path), 0.05, i))
+    wait_files(paths, 60, "tasks finishing while no mplite call is made (no background progress?)")
+    with _fault_deadline(60, "take"):
+        assert sorted(pool.take(timeout=60) for _ in paths) == list(range(8))
+    assert pool.open_tasks == 0
+    assert pool.take() is None
+
+
+@pytest.mark.parametrize("fault_method", _FAULT_METHODS)
+def test_timeout_fires_while_no_caller_is_inside_mplite(fault_method, tmp_path):
+    pid_file = tmp_path / "slow.pid"
+    with TaskManager(2, context=fault_method, timeout=1.0) as tm:
+        tm.submit(Task(_bg_pid_then_sleep, str(pid_file), 60))
+        # from here on, no mplite call until the worker is gone
+        wait_files([pid_file], 30, "the slow task to start")
+        pid = int(pid_file.read_text())
+        _FAULT_SEEN_PIDS.add(pid)
+        assert wait_gone([pid], 30) == [], \
+            "the worker of a task past its timeout was not stopped while no caller was inside mplite"
+        with _fault_deadline(30, "take(timeout=None)"):
+            result = tm.take(timeout=None)
+        assert _fault_check_error_str(result).startswith("TimeoutError"), result
+        assert tm.open_tasks == 0
+        with _fault_deadline(60, "execute after the timeout"):
+            assert tm.execute([Task(adder, i, 1) for i in range(6)], progress=False) == list(range(1, 7))
+
+
+# ---------------------------------------------------------------------------------------------
+# TaskManager: every method is safe from any number of threads
+# ---------------------------------------------------------------------------------------------
+
+def test_threads_execute_and_map_get_exactly_their_own_results(pool):
+    # 4 threads x 20 calls x 200 tasks on one manager, values distinct per thread and per call
+    def caller(tid):
+        for r in range(20):
+            base = tid * 1000000 + r * 1000
+            if tid % 2:
+                got = pool.map(functools.partial(adder, base), range(200))
+            else:
+                got = pool.execute([Task(adder, base, i) for i in range(200)], progress=False)
+            assert got == [base + i for i in range(200)], "thread %d, call %d got others' results" % (tid, r)
+
+    run_threads([functools.partial(caller, tid) for tid in range(4)])
+    assert pool.open_tasks == 0
+    assert pool.execute([Task(adder, i, i) for i in range(5)], progress=False) == [0, 2, 4, 6, 8]
+
+
+def test_threads_an_exception_mode_failure_touches_only_its_own_call(xpool):
+    def good(tid):
+        for r in range(10):
+            base = tid * 100000 + r * 1000
+            tasks = [Task(sleep_return, 0.001 if i % 10 == 0 else 0, base + i) for i in range(100)]
+            assert xpool.execute(tasks, progress=False) == [base + i for i in range(100)]
+
+    def failing():
+        for r in range(10):
+            tasks = [Task(adder, r, i) for i in range(100)]
+            tasks[50] = Task(raise_value_error, "thread-failure-%d" % r)
+            with pytest.raises(ValueError, match="^thread-failure-%d$" % r):
+                xpool.execute(tasks, progress=False)
+
+    run_threads([failing] + [functools.partial(good, tid) for tid in range(1, 4)])
+    assert xpool.open_tasks == 0
+    assert xpool.execute([Task(adder, i, i) for i in range(5)], progress=False) == [0, 2, 4, 6, 8]
+    assert xpool.take() is None
+
+
+def test_threads_submit_take_and_as_completed_deliver_each_result_exactly_once(pool):
+    # Round 1: 4 threads submit while 2 threads take(timeout=...) at the same time.
+    n_per = 150
+    expected = Counter(tid * 100000 + i for tid in range(4) for i in range(n_per))
+    taken, lock, total = [], threading.Lock(), sum(expected.values())
+
+    def submitter(tid):
+        for i in range(n_per):
+            assert isinstance(pool.submit(Task(adder, tid * 100000, i)), int)
+
+    def taker():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with lock:
+                if len(taken) >= total:
+                    return
+            result = pool.take(timeout=0.2)
+            if result is not None:
+                with lock:
+                    taken.append(result)
+
+    run_threads([functools.partial(submitter, tid) for tid in range(4)] + [taker, taker])
+    assert Counter(taken) == expected, "results lost or delivered twice"
+    assert pool.open_tasks == 0
+    assert pool.take() is None
+
+    # Round 2: 3 threads submit; then 2 as_completed() and 1 take(timeout=None) loop share them.
+    expected = Counter(tid * 100000 + i for tid in range(3) for i in range(n_per))
+    run_threads([functools.partial(submitter, tid) for tid in range(3)])
+    assert pool.open_tasks == 3 * n_per
+    collected = {"as_completed-0": [], "as_completed-1": [], "take": []}
+
+    def completer(key):
+        for task, result in pool.as_completed(timeout=60):
+            assert task.args[0] + task.args[1] == result
+            collected[key].append(result)
+
+    def blocking_taker():
+        while True:
+            result = pool.take(timeout=None)  # None once no task is open
+            if result is None:
+                return
+            collected["take"].append(result)
+
+    run_threads([functools.partial(completer, "as_completed-0"), functools.partial(completer, "as_completed-1"),
+                 blocking_taker])
+    assert Counter(r for results in collected.values() for r in results) == expected, \
+        "results lost or delivered twice: %s" % {k: len(v) for k, v in collected.items()}
+    assert pool.open_tasks == 0
+    assert pool.take() is None
+
+
+def test_stop_from_another_thread_ends_the_calls_waiting_in_it(method, tmp_path):
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    before = engine_threads()
+    tm = TaskManager(2, context=method)
+    with _fault_deadline(60, "start()"):
+        tm.start()
+    try:
+        for _ in range(2):  # both workers busy for a minute: every call below has to wait
+            tm.submit(Task(_fault_marker_sleep, str(markers), 60))
+        engines = engine_threads() - before
+        assert engines, "a started pool has no thread named %r" % ENGINE_THREAD_NAME
+        _fault_wait_files(markers, ".started", 2)
+        pids = {int(name.split(".")[0]) for name in os.listdir(str(markers))}
+        _FAULT_SEEN_PIDS.update(pids)
+        calls = {
+            "execute": lambda: tm.execute([Task(adder, 1, 2)] * 3, progress=False),
+            "map": lambda: tm.map(double, range(3)),
+            "take(timeout=None)": lambda: tm.take(timeout=None),
+            "take(timeout=60)": lambda: tm.take(timeout=60),
+            "as_completed": lambda: list(tm.as_completed()),
+        }
+        outcomes = {}
+
+        def call(name):
+            try:
+                outcomes[name] = ("returned", calls[name]())
+            except BaseException as exc:
+                outcomes[name] = ("raised", exc)
+
+        threads = [threading.Thread(target=call, args=(name,), daemon=True) for name in calls]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.3)  # let them get into their calls (one that comes after stop() raises too)
+        with _fault_deadline(30, "stop() from another thread"):
+            tm.stop()
+        for thread in threads:
+            thread.join(30)
+        assert not [t for t in threads if t.is_alive()], "calls still waiting after stop(): %s" % \
+            sorted(set(calls) - set(outcomes))
+        for name in calls:
+            kind, value = outcomes[name]
+            assert kind == "raised" and isinstance(value, RuntimeError), "%s: %s %r" % (name, kind, value)
+            assert str(value).strip(), "%s: a RuntimeError without a message" % name
+        assert wait_gone(pids) == []
+        wait_engine_threads_gone(engines)
+        # and start() afterwards gives a working pool
+        with _fault_deadline(60, "start() after stop()"):
+            tm.start()
+        assert tm.open_tasks == 0
+        with _fault_deadline(60, "execute after restart"):
+            assert tm.execute([Task(adder, i, 1) for i in range(6)], progress=False) == list(range(1, 7))
+        assert tm.take() is None
+    finally:
+        with _fault_deadline(30, "stop()"):
+            tm.stop()
+
+
+def test_fork_replacements_while_threads_use_the_pool_do_not_deadlock():
+    # Every task recycles its worker, so replacements are forked again and again from a parent
+    # that has the engine thread and three busy caller threads.
+    with TaskManager(2, context="fork", max_tasks_per_child=1) as tm:
+        def caller(tid):
+            for r in range(3):
+                base = tid * 1000 + r * 100
+                assert tm.execute([Task(adder, base, i) for i in range(8)], progress=False) == \
+                    [base + i for i in range(8)]
+                tm.submit(Task(adder, base, 99))
+
+        run_threads([functools.partial(caller, tid) for tid in range(3)])
+        with _fault_deadline(60, "as_completed"):
+            assert sorted(r for _, r in tm.as_completed(timeout=50)) == \
+                sorted(tid * 1000 + r * 100 + 99 for tid in range(3) for r in range(3))
+
+
+# ---------------------------------------------------------------------------------------------
+# ProcessPoolExecutor: construction, submit, map, context manager
+# ---------------------------------------------------------------------------------------------
+
+def test_executor_is_a_concurrent_futures_executor():
+    assert issubclass(mplite.ProcessPoolExecutor, concurrent.futures.Executor)
+    assert issubclass(mplite.WorkerDiedError, ChildProcessError)
+    assert issubclass(mplite.WorkerDiedError, BrokenProcessPool)
+
+
+@pytest.mark.parametrize("max_workers", [0, -1])
+def test_executor_max_workers_must_be_positive(max_workers):
+    with pytest.raises(ValueError):
+        mplite.ProcessPoolExecutor(max_workers)
+    with pytest.raises(ValueError):
+        mplite.ProcessPoolExecutor(max_workers=max_workers, mp_context="fork")
+
+
+def test_executor_mp_context_forms():
+    global _PARENT_MARK
+    _PARENT_MARK = "set in the parent"
+    try:
+        # max_workers=None: the default (the CPUs this process may use); fork starts those quickly
+        cases = [(1, None, "spawn"), (None, "fork", "fork"), (1, multiprocessing.get_context("fork"), "fork"),
+                 (1, "forkserver", "forkserver")]
+        for max_workers, mp_context, kind in cases:
+            with mplite.ProcessPoolExecutor(max_workers, mp_context=mp_context) as ex:
+                mark, cmdline, pid = ex.submit(_bg_worker_identity).result(timeout=60)
+            assert pid != os.getpid()
+            if kind == "fork":
+                assert mark == "set in the parent", (mp_context, cmdline)
+            else:
+                assert mark is None, (mp_context, cmdline)
+                assert ("spawn_main" if kind == "spawn" else "multiprocessing.forkserver") in cmdline, \
+                    (mp_context, cmdline)
+    finally:
+        _PARENT_MARK = None
+
+
+def test_executor_submit_map_and_context_manager(method, tmp_path):
+    before = engine_threads()
+    with make_executor(2, method) as ex:
+        assert isinstance(ex, mplite.ProcessPoolExecutor)
+        pids = executor_pids(ex, tmp_path, 2)
+        assert len(pids) == 2 and os.getpid() not in pids
+        engines = engine_threads() - before
+        assert engines, "a working executor has no thread named %r" % ENGINE_THREAD_NAME
+        future = ex.submit(adder, 20, b=22)
+        assert isinstance(future, concurrent.futures.Future)
+        assert future.result(timeout=60) == 42
+        # fn is positional-only: any keyword argument is the task's own
+        assert ex.submit(echo, 1, fn=2, self=3, f=4).result(timeout=60) == ((1,), {"fn": 2, "self": 3, "f": 4})
+        results = ex.map(adder, range(10), range(100, 110))
+        assert iter(results) is results and not isinstance(results, list)
+        assert list(results) == [100 + 2 * i for i in range(10)]
+        assert list(ex.map(double, range(30), chunksize=7)) == [2 * i for i in range(30)]
+        assert list(ex.map(double, [])) == []
+    # leaving the block shut it down: workers and engine gone, no more work accepted
+    assert wait_gone(pids) == []
+    wait_engine_threads_gone(engines)
+    with pytest.raises(RuntimeError):
+        ex.submit(adder, 1, 2)
+    with pytest.raises(RuntimeError):
+        list(ex.map(double, [1]))
+
+
+def test_executor_map_gives_results_in_order_and_raises_at_the_failing_item(spex):
+    results = spex.map(sleep_return, [0.3, 0.0, 0.1], ["slowest", "fast", "middle"])
+    assert list(results) == ["slowest", "fast", "middle"]
+    results = spex.map(raise_on, [1, 2, 3], [2, 2, 2])  # raise_on(2, 2) raises KeyError(2)
+    assert next(results) == 1
+    with pytest.raises(KeyError):
+        next(results)
+    assert spex.submit(adder, 1, 2).result(timeout=60) == 3
+
+
+def test_executor_map_timeout(spex, tmp_path):
+    gate, open_gate = str(tmp_path / "gate"), str(tmp_path / "open")
+    open(open_gate, "w").close()
+    got = []
+    try:
+        with pytest.raises(concurrent.futures.TimeoutError):
+            for result in spex.map(wait_for_file, [open_gate, open_gate, gate], [0, 1, 2], timeout=2):
+                got.append(result)
+    finally:
+        open(gate, "w").close()
+    assert got == [0, 1]
+    assert spex.submit(adder, 1, 2).result(timeout=60) == 3
+
+
+def test_executor_max_tasks_per_child():
+    with make_executor(1, "spawn", max_tasks_per_child=3) as ex:
+        pids = [ex.submit(os.getpid).result(timeout=60) for _ in range(4)]
+    assert pids[0] == pids[1] == pids[2] != pids[3], pids
+    assert wait_gone(set(pids)) == []
+    # CPython's test_max_tasks_early_shutdown: shut down while workers are being replaced
+    ex = make_executor(2, "spawn", max_tasks_per_child=1)
+    futures = [ex.submit(sleep_getpid, 0.01) for _ in range(6)]
+    bounded(ex.shutdown, 60)
+    pids = [f.result(timeout=0) for f in futures]
+    assert len(set(pids)) == 6, pids
+    assert wait_gone(set(pids)) == []
+
+
+def test_executor_dropped_without_shutdown_finishes_its_work_and_stops(tmp_path):
+    # CPython's test_del_shutdown: the executor is dropped while its map's results are pending
+    before = engine_threads()
+    ex = make_executor(2, "spawn")
+    pids = executor_pids(ex, tmp_path, 2)
+    engines = engine_threads() - before
+    results = ex.map(sleep_return, [0.1] * 6, range(-3, 3), timeout=60)
+    del ex
+    gc.collect()
+    assert list(results) == list(range(-3, 3))
+    del results
+    gc.collect()
+    assert wait_gone(pids, 30) == [], "the workers of a dropped executor still run"
+    wait_engine_threads_gone(engines, 30)
+
+
+# ---------------------------------------------------------------------------------------------
+# ProcessPoolExecutor: future states, cancel, wait, as_completed
+# ---------------------------------------------------------------------------------------------
+
+def test_executor_future_states_and_cancel_of_a_pending_future(tmp_path):
+    gate, marker, side = str(tmp_path / "gate"), str(tmp_path / "started"), str(tmp_path / "side-effect")
+    with make_executor(1, "spawn") as ex:
+        try:
+            first = ex.submit(_bg_gated, marker, gate, "first")
+            wait_until(first.running, 60, "a future whose task a worker runs is running()")
+            wait_files([marker], 60, "the gated task to start")
+            assert first.running() and not first.done() and not first.cancelled()
+            second = ex.submit(_bg_touch_after, side, 0, "second")  # the one worker is busy
+            assert not second.running() and not second.done()
+            assert second.cancel() is True
+            assert second.cancelled() and second.done() and not second.running()
+            assert second.cancel() is True  # again: still cancelled
+            assert first.cancel() is False  # running: it can't be
+        finally:
+            open(gate, "w").close()
+        assert first.result(timeout=60) == "first"
+        assert first.done() and not first.running() and not first.cancelled()
+        with pytest.raises(concurrent.futures.CancelledError):
+            second.result(timeout=0)
+        # one worker runs its work in order: had the cancelled task run, it would have run by now
+        assert ex.submit(file_exists, side).result(timeout=60) is False
+    assert not os.path.exists(side), "a cancelled future's task ran"
+
+
+def test_executor_futures_finish_while_the_caller_waits_outside_mplite(spex, tmp_path):
+    paths = [tmp_path / ("done-%d" % i) for i in range(8)]
+    futures = [spex.submit(_bg_touch_after, str(path), 0.05, i) for i, path in enumerate(paths)]
+    wait_files(paths, 60, "executor tasks finishing while the caller only watches files")
+    wait_until(lambda: all(f.done() for f in futures), 60, "their futures done")
+    assert [f.result(timeout=0) for f in futures] == list(range(8))
+
+
+def test_executor_wait_and_as_completed(spex, tmp_path):
+    gate, marker = str(tmp_path / "gate"), str(tmp_path / "started")
+    wait, as_completed = concurrent.futures.wait, concurrent.futures.as_completed
+    try:
+        quick = spex.submit(adder, 20, 22)
+        gated = spex.submit(_bg_gated, marker, gate, "gated")
+        done, not_done = wait([quick, gated], timeout=60, return_when=concurrent.futures.FIRST_COMPLETED)
+        assert (done, not_done) == ({quick}, {gated})
+        failing = spex.submit(raise_value_error, "first exception")
+        done, not_done = wait([gated, failing], timeout=60, return_when=concurrent.futures.FIRST_EXCEPTION)
+        assert (done, not_done) == ({failing}, {gated})
+        done, not_done = wait([quick, gated], timeout=0.2)  # ALL_COMPLETED: not within the time
+        assert (done, not_done) == ({quick}, {gated})
+        with pytest.raises(concurrent.futures.TimeoutError):
+            list(as_completed([gated], timeout=0.2))
+    finally:
+        open(gate, "w").close()
+    done, not_done = wait([quick, gated, failing], timeout=60)
+    assert (done, not_done) == ({quick, gated, failing}, set())
+    assert quick.result() == 42 and gated.result() == "gated"
+    assert isinstance(failing.exception(), ValueError)
+    more = [spex.submit(sleep_return, 0.05 * (i % 3), i) for i in range(10)]
+    seen = list(as_completed(more + [quick], timeout=60))
+    assert sorted(map(id, seen)) == sorted(map(id, more + [quick]))
+    assert [f.result() for f in more] == list(range(10))
+
+
+# ---------------------------------------------------------------------------------------------
+# ProcessPoolExecutor: shutdown
+# ---------------------------------------------------------------------------------------------
+
+def test_executor_shutdown_wait_true_waits_for_all_work(tmp_path):
+    log = tmp_path / "log.txt"
+    before = engine_threads()
+    ex = make_executor(2, "spawn")
+    try:
+        pids = executor_pids(ex, tmp_path, 2)
+        engines = engine_threads() - before
+        futures = [ex.submit(sleep_return, 0.2, i) for i in range(6)]
+        ex.map(_fault_append, [str(log)] * 5, ["line-%d" % i for i in range(5)])  # never iterated
+    finally:
+        bounded(lambda: ex.shutdown(wait=True), 60)
+    assert all(f.done() for f in futures), "shutdown(wait=True) returned before its work was done"
+    assert [f.result(timeout=0) for f in futures] == list(range(6))
+    assert sorted(_fault_lines(log)) == ["line-%d" % i for i in range(5)], "map didn't submit without iteration"
+    assert wait_gone(pids) == []
+    wait_engine_threads_gone(engines)
+    with pytest.raises(RuntimeError):
+        ex.submit(adder, 1, 2)
+    bounded(ex.shutdown, 30)  # again: a no-op
+
+
+def test_executor_shutdown_without_wait_returns_at_once_and_work_completes(tmp_path):
+    gate = str(tmp_path / "gate")
+    before = engine_threads()
+    ex = make_executor(2, "spawn")
+    try:
+        pids = executor_pids(ex, tmp_path, 2)
+        engines = engine_threads() - before
+        res = ex.map(abs, range(-5, 5))  # as in CPython's test_shutdown_no_wait
+        gated = [ex.submit(_bg_gated, str(tmp_path / ("started-%d" % i)), gate, i) for i in range(4)]
+        # the gate is closed: a shutdown that waited for the work would not return
+        bounded(lambda: ex.shutdown(wait=False), 30)
+        with pytest.raises(RuntimeError):
+            ex.submit(adder, 1, 2)
+    finally:
+        open(gate, "w").close()
+    assert [f.result(timeout=60) for f in gated] == [0, 1, 2, 3]
+    assert list(res) == [abs(v) for v in range(-5, 5)]
+    assert wait_gone(pids, 30) == []
+    wait_engine_threads_gone(engines, 30)
+
+
+def test_executor_shutdown_cancel_futures(tmp_path):
+    gate = str(tmp_path / "gate")
+    ex = make_executor(2, "spawn")
+    shutdown = threading.Thread(target=lambda: ex.shutdown(wait=True, cancel_futures=True), daemon=True)
+    try:
+        running = [ex.submit(_bg_gated, str(tmp_path / ("started-%d" % i)), gate, i) for i in range(2)]
+        wait_files([tmp_path / ("started-%d" % i) for i in range(2)], 60, "both workers busy")
+        sides = [str(tmp_path / ("side-%d" % i)) for i in range(8)]
+        pending = [ex.submit(_bg_touch_after, side, 0, i) for i, side in enumerate(sides)]
+        shutdown.start()
+        wait_until(lambda: all(f.cancelled() or f.running() for f in pending), 30,
+                   "shutdown(cancel_futures=True) cancelling the pending futures")
+    finally:
+        open(gate, "w").close()
+    shutdown.join(60)
+    assert not shutdown.is_alive(), "hang: shutdown(wait=True, cancel_futures=True)"
+    assert [f.result(timeout=0) for f in running] == [0, 1]
+    cancelled = [i for i, f in enumerate(pending) if f.cancelled()]
+    assert len(cancelled) >= 5, "only %s of 8 pending futures were cancelled" % cancelled
+    for i, f in enumerate(pending):
+        assert f.done()
+        if i in cancelled:
+            assert not os.path.exists(sides[i]), "cancelled future %d ran" % i
+        else:
+            assert f.result(timeout=0) == i and os.path.exists(sides[i])
+
+
+# ---------------------------------------------------------------------------------------------
+# ProcessPoolExecutor: failures
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ex_method", METHODS)
+def test_executor_failing_initializer_breaks_the_pool(ex_method, tmp_path):
+    init = tmp_path / "init.txt"
+    ex = make_executor(2, ex_method, initializer=_fault_init_raise, initargs=(str(init), "init-boom-5521"))
+    try:
+        try:
+            future = ex.submit(adder, 1, 2)
+        except BrokenProcessPool as exc:  # perhaps already broken, as CPython's test allows
+            error = exc
+        else:
+            error = future.exception(timeout=60)
+        assert isinstance(error, BrokenProcessPool), repr(error)
+        text = str(error)
+        assert "init-boom-5521" in text and "ValueError" in text, text
+        assert "_fault_init_raise" in text, "the initializer's traceback is not in the message:\n" + text
+        wait_until(lambda: ex._broken, 30, "the executor is marked broken")
+        with pytest.raises(BrokenProcessPool):
+            ex.submit(adder, 1, 2)
+    finally:
+        bounded(lambda: ex.shutdown(wait=True), 60)
+    assert _fault_pids_in(init), "the initializer never ran"
+    _fault_wait_dead(_fault_pids_in(init), 10, "workers of an executor whose initializer failed")
+
+
+@pytest.mark.parametrize("ex_method", METHODS)
+def test_executor_a_dead_worker_fails_only_its_own_future(ex_method, tmp_path):
+    dead = tmp_path / "dead.txt"
+    with make_executor(2, ex_method) as ex:
+        first = [ex.submit(sleep_return, 0.02, i) for i in range(6)]
+        dying = {kind: ex.submit(_fault_die, kind, str(dead)) for kind in ("SIGKILL", "exit3")}
+        last = [ex.submit(sleep_return, 0.02, i) for i in range(6, 12)]
+        for kind, future in dying.items():
+            error = future.exception(timeout=60)
+            assert isinstance(error, mplite.WorkerDiedError), repr(error)
+            assert isinstance(error, ChildProcessError) and isinstance(error, BrokenProcessPool)
+            _fault_check_death_text(str(error), kind)
+        assert [f.result(timeout=60) for f in first + last] == list(range(12))
+        assert not ex._broken
+        assert ex.submit(adder, 1, 2).result(timeout=60) == 3
+        assert list(ex.map(double, range(20), timeout=60)) == [2 * i for i in range(20)]
+        dead_pids = _fault_pids_in(dead)
+        assert len(dead_pids) == 2
+    _fault_wait_dead(dead_pids, 10, "workers killed by their tasks")
+
+
+@pytest.mark.parametrize("ex_method", _FAULT_METHODS)
+def test_executor_timeout_fails_the_task_and_replaces_its_worker(ex_method, tmp_path):
+    pid_file = tmp_path / "slow.pid"
+    with make_executor(2, ex_method, timeout=1.0) as ex:
+        slow = ex.submit(_bg_pid_then_sleep, str(pid_file), 60)
+        quick = [ex.submit(sleep_return, 0.05, i) for i in range(6)]
+        error = slow.exception(timeout=60)
+        assert isinstance(error, TimeoutError), repr(error)
+        assert [f.result(timeout=60) for f in quick] == list(range(6))
+        pid = int(pid_file.read_text())
+        _FAULT_SEEN_PIDS.add(pid)
+        assert wait_gone([pid]) == [], "the worker of a task past its timeout is still running"
+        assert [f.result(timeout=60) for f in [ex.submit(sleep_return, 0.05, i) for i in range(4)]] == \
+            list(range(4))
+
+
+def test_executor_exception_is_the_tasks_own_with_the_worker_traceback(spex):
+    future = spex.submit(raise_value_error, "boom 77")
+    error = future.exception(timeout=60)
+    assert type(error) is ValueError and str(error) == "boom 77"
+    with pytest.raises(ValueError, match="^boom 77$") as info:
+        future.result()
+    frames = [fr for fr in traceback.extract_tb(info.value.__traceback__)
+              if os.path.basename(fr.filename) == "test_mplite.py" and fr.name == "raise_value_error"]
+    assert frames, "".join(traceback.format_exception(type(info.value), info.value, info.value.__traceback__))
+    assert frames[-1].lineno == raise_lineno(raise_value_error, "raise ValueError")
+    text = "".join(traceback.format_exception(type(info.value), info.value, info.value.__traceback__))
+    assert "raise ValueError(message)" in text, text  # what the user sees shows the worker's line
+    # other types arrive as they are too
+    with pytest.raises(NotImplementedError, match="this task must fail!"):
+        spex.submit(broken).result(timeout=60)
+    with pytest.raises(ZeroDivisionError):
+        spex.submit(f, 0.0, hello=0).result(timeout=60)
+
+
+def test_executor_unpicklable_arguments_and_results_fail_their_future(spex):
+    bad = [spex.submit(adder, threading.Lock(), 1),  # submit() itself does not raise
+           spex.submit(lambda: 1),
+           spex.submit(ignore_args, key=threading.Lock())]
+    good = spex.submit(adder, 1, 2)
+    for future in bad:
+        error = future.exception(timeout=60)
+        assert isinstance(error, (TypeError, pickle.PicklingError)), repr(error)
+    assert good.result(timeout=60) == 3
+    error = spex.submit(_fault_return_lock).exception(timeout=60)
+    assert isinstance(error, TypeError), repr(error)
+    assert spex.submit(adder, 2, 3).result(timeout=60) == 5
+
+
+def test_executor_workers_keep_no_stale_references(spex, tmp_path):
+    # CPython's test_ressources_gced_in_workers: the worker's copy of an argument is collected
+    # once its task is done, not kept until more work comes
+    path = tmp_path / "collected-in-worker"
+    assert spex.submit(ignore_args, DelMarker(str(path))).result(timeout=60) is None
+    wait_files([path], 15, "a finished task's argument collected in the worker")
+
+
+@pytest.mark.parametrize("ex_method", _FAULT_METHODS)
+def test_executor_pickling_faults_fail_only_their_own_future(ex_method):
+    # After CPython's ExecutorDeadlockTest: errors, exits and crashes while arguments and results
+    # are pickled and rebuilt. Each fails its own future, no other, and nothing hangs.
+    with make_executor(2, ex_method) as ex:
+        cases = {
+            "an argument that raises when pickled": lambda: ex.submit(ignore_args, RaiseAtPickle()),
+            "an argument that can't be rebuilt in the worker": lambda: ex.submit(ignore_args, BuiltOnlyHere()),
+            "an argument that ends the worker when rebuilt": lambda: ex.submit(ignore_args, CrashAtUnpickle()),
+            "a result that raises when pickled": lambda: ex.submit(return_instance, RaiseAtPickle),
+            "a result that calls sys.exit() when pickled": lambda: ex.submit(return_instance, ExitAtPickle),
+            "a result that ends the worker when pickled": lambda: ex.submit(return_instance, CrashAtPickle),
+            "a result that can't be rebuilt in the parent": lambda: ex.submit(return_instance, BuiltOnlyHere),
+        }
+        for name, submit_bad in cases.items():
+            before = [ex.submit(sleep_return, 0.01, i) for i in range(4)]
+            bad = submit_bad()
+            after = [ex.submit(sleep_return, 0.01, i) for i in range(4, 8)]
+            assert bad.exception(timeout=60) is not None, name
+            assert [f.result(timeout=60) for f in before + after] == list(range(8)), name
+        assert ex.submit(adder, 1, 2).result(timeout=60) == 3
+
+
+def test_executor_keeps_no_stale_references(spex):
+    # CPython's test: the future is dropped at once; once its task is done, the object must go
+    obj = StaleCheck()
+    collected = threading.Event()
+    ref = weakref.ref(obj, lambda _: collected.set())
+    spex.submit(obj.my_method)
+    del obj
+    wait_until(lambda: gc.collect() is not None and collected.is_set(), 30,
+               "the argument of a finished future collected")
+    # an argument and a result of a future that is done and dropped
+    arg = StaleCheck()
+    arg_ref = weakref.ref(arg)
+    future = spex.submit(ignore_args, arg)
+    assert future.result(timeout=60) is None
+    result_ref = weakref.ref(spex.submit(make_stale_check).result(timeout=60))
+    del arg, future
+    wait_until(lambda: gc.collect() is not None and arg_ref() is None and result_ref() is None, 30,
+               "the argument and result of finished, dropped futures collected")
+    assert ref() is None
+
+
+# ---------------------------------------------------------------------------------------------
+# ProcessPoolExecutor: threads, asyncio
+# ---------------------------------------------------------------------------------------------
+
+def test_executor_threads_submit_and_collect_their_own_futures(spex):
+    def caller(tid):
+        for r in range(5):
+            base = tid * 100000 + r * 1000
+            futures = [spex.submit(adder, base, i) for i in range(40)]
+            assert [f.result(timeout=60) for f in futures] == [base + i for i in range(40)]
+            assert list(spex.map(adder, [base] * 40, range(40), timeout=60)) == [base + i for i in range(40)]
+
+    run_threads([functools.partial(caller, tid) for tid in range(4)])
+
+
+def test_executor_with_asyncio(spex):
+    async def main():
+        loop = asyncio.get_running_loop()
+        a = await asyncio.wait_for(loop.run_in_executor(spex, adder, 20, 22), 60)
+        b = await asyncio.wait_for(asyncio.wrap_future(spex.submit(double, 21)), 60)
+        many = await asyncio.wait_for(asyncio.gather(*[loop.run_in_executor(spex, double, i) for i in range(20)]), 60)
+        with pytest.raises(ValueError, match="from asyncio"):
+            await asyncio.wait_for(asyncio.wrap_future(spex.submit(raise_value_error, "from asyncio")), 60)
+        return a, b, many
+
+    assert asyncio.run(main()) == (42, 42, [2 * i for i in range(20)])
+
+
+# ---------------------------------------------------------------------------------------------
+# ProcessPoolExecutor: Ctrl-C, a program that ends without shutdown() (child scripts)
+# ---------------------------------------------------------------------------------------------
+
+_EXECUTOR_SCRIPT = r'''
+import multiprocessing, os, sys, time, traceback
+sys.path.insert(0, @@REPO@@)
+import mplite
+
+
+def fault_long(marker_dir, seconds):
+    open(os.path.join(marker_dir, "%d.started" % os.getpid()), "w").close()
+    time.sleep(seconds)
+    return seconds
+
+
+def write_later(marker_dir, seconds):
+    open(os.path.join(marker_dir, "%d.started" % os.getpid()), "w").close()
+    time.sleep(seconds)
+    path = os.path.join(marker_dir, "finished.txt")
+    with open(path + ".tmp", "w") as fh:
+        fh.write(str(os.getpid()))
+    os.replace(path + ".tmp", path)
+    return seconds
+
+
+def wait_started(marker_dir, n):
+    deadline = time.time() + 30
+    while sum(x.endswith(".started") for x in os.listdir(marker_dir)) < n and time.time() < deadline:
+        time.sleep(0.02)
+
+
+def write_pids(marker_dir):
+    pids = sorted(p.pid for p in multiprocessing.active_children())
+    tmp = os.path.join(marker_dir, "pids.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(" ".join(map(str, pids)))
+    os.replace(tmp, os.path.join(marker_dir, "pids.txt"))
+
+
+def interrupted(submit):
+    """After the KeyboardInterrupt: show it, check nothing more is accepted, exit as a shell would."""
+    traceback.print_exc()
+    sys.stderr.flush()
+    try:
+        submit()
+    except RuntimeError:
+        print("STOPPED-OK", flush=True)
+    else:
+        print("NOT-STOPPED", flush=True)
+    sys.exit(130)
+
+
+def main():
+    scenario, method, marker_dir = sys.argv[1:4]
+    if scenario == "ctrlc-result":  # Ctrl-C in Future.result(), inside the executor's with-block
+        try:
+            with mplite.ProcessPoolExecutor(5, mp_context=method) as ex:
+                futures = [ex.submit(fault_long, marker_dir, 60) for _ in range(2)]
+                wait_started(marker_dir, 2)
+                write_pids(marker_dir)
+                futures[0].result()
+        except KeyboardInterrupt:
+            interrupted(lambda: ex.submit(fault_long, marker_dir, 0))
+        print("NO-KEYBOARDINTERRUPT", flush=True)
+        sys.exit(3)
+    if scenario == "ctrlc-as-completed":  # Ctrl-C in TaskManager.as_completed()
+        tm = mplite.TaskManager(3, context=method)
+        tm.start()
+        for _ in range(2):
+            tm.submit(mplite.Task(fault_long, marker_dir, 60))
+        wait_started(marker_dir, 2)
+        write_pids(marker_dir)
+        try:
+            for _ in tm.as_completed():
+                pass
+        except KeyboardInterrupt:
+            interrupted(lambda: tm.submit(mplite.Task(fault_long, marker_dir, 0)))
+        print("NO-KEYBOARDINTERRUPT", flush=True)
+        sys.exit(3)
+    ex = mplite.ProcessPoolExecutor(2, mp_context=method)
+    ex.submit(write_later, marker_dir, 1.0)
+    if scenario == "exit-running":
+        wait_started(marker_dir, 1)
+    print("LEAVING", flush=True)
+    # falls off the end without shutdown()
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+@pytest.mark.parametrize("scenario,ex_method", [("ctrlc-result", "spawn"), ("ctrlc-result", "fork"),
+                                                ("ctrlc-result", "forkserver"),
+                                                ("ctrlc-as-completed", "spawn"), ("ctrlc-as-completed", "fork")])
+def test_ctrl_c_in_future_result_or_as_completed(scenario, ex_method, tmp_path):
+    # Ctrl-C while the main thread waits in Future.result() (inside `with ProcessPoolExecutor`)
+    # or in TaskManager.as_completed(): two workers run a one-minute task. The executor has five
+    # workers and doesn't wait for them to start, so some may still be starting: they too must
+    # not print anything.
+    child = _FaultScript(tmp_path, scenario, ex_method, script=_EXECUTOR_SCRIPT)
+    try:
+        pids = child.worker_pids(2)
+        assert len(pids) >= 2, pids
+        os.killpg(child.proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        rc = child.wait(30)  # one that waited for the running tasks would take a minute
+        out, err = child.stdout, child.stderr
+        report = "rc=%s\nstdout:\n%s\nstderr:\n%s" % (rc, out, err)
+        assert rc == 130, report
+        assert "STOPPED-OK" in out, "the pool was not left stopped\n" + report
+        assert len([line for line in err.splitlines() if line.startswith("KeyboardInterrupt")]) == 1, report
+        assert err.count("Traceback (most recent call last)") == 1, report
+        assert not re.search(r"^Process \S+:$", err, re.M), "a worker printed a traceback\n" + report
+        _fault_wait_dead(pids, 5, "workers after Ctrl-C")
+        child.assert_group_gone()
+    finally:
+        child.cleanup()
+
+
+@pytest.mark.parametrize("scenario,ex_method", [("exit-running", "spawn"), ("exit-running", "fork"),
+                                                ("exit-submitted", "spawn"), ("exit-submitted", "forkserver")])
+def test_executor_task_finishes_when_the_program_ends_without_shutdown(scenario, ex_method, tmp_path):
+    # exit-running: the task had started; exit-submitted: CPython's test_interpreter_shutdown
+    child = _FaultScript(tmp_path, scenario, ex_method, script=_EXECUTOR_SCRIPT)
+    try:
+        rc = child.wait(60)
+        report = "rc=%s\nstdout:\n%s\nstderr:\n%s" % (rc, child.stdout, child.stderr)
+        assert rc == 0 and "LEAVING" in child.stdout, report
+        assert child.stderr.strip() == "", report
+        finished = child.dir / "finished.txt"
+        assert finished.exists(), "the task did not finish\n" + report
+        pid = int(finished.read_text())
+        child.pids = {pid}
+        _FAULT_SEEN_PIDS.add(pid)
+        _fault_wait_dead([pid], 5, "the worker after the program ended")
+        child.assert_group_gone()
+    finally:
+        child.cleanup()
 
 
 # ---------------------------------------------------------------------------------------------
