@@ -15,6 +15,8 @@
 that raises, kills its worker or runs past its ``timeout`` gets an error as its result (its
 traceback text, or with ``error_mode="exception"`` the exception raised in the caller); every
 other task still runs, and a dead worker is replaced. ``python -m mplite`` runs a self-test.
+Task functions may be lambdas, closures, or typed into a notebook: what the workers can't
+import by name travels by value.
 
 The pool works in the background: submitted tasks run while your program does something
 else, and every method may be called from any number of threads at once. Code written for
@@ -30,8 +32,15 @@ else, and every method may be called from any number of threads at once. Code wr
 Standard library only, Python 3.8+, POSIX (Linux, macOS). MIT licence.
 """
 import atexit
+import contextlib
+import builtins
+import dis
+import functools
+import importlib
+import io
 import itertools
 import linecache
+import marshal
 import os
 import pickle
 import reprlib
@@ -47,7 +56,7 @@ import types
 import weakref
 from collections import deque
 from concurrent import futures
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 from itertools import repeat
 from math import ceil
 from multiprocessing import get_context, get_all_start_methods
@@ -222,7 +231,7 @@ class TaskManager:
         pool = self._running()
         tasks = _task_list(tasks)
         timeout = self.timeout if timeout is _DEFAULT else _seconds(timeout, "timeout")
-        _check_functions(tasks)
+        _check_functions(tasks, pool.fork)
         bar = _progress_bar(len(tasks), tqdm, pbar, progress and bool(tasks))
         if not tasks:
             return []
@@ -249,7 +258,7 @@ class TaskManager:
         if not isinstance(task, (Task, TaskChain)):
             raise TypeError(f"submit takes a Task or TaskChain, not {type(task).__name__}")
         timeout = self.timeout if timeout is _DEFAULT else _seconds(timeout, "timeout")
-        payload = _pickle_task(_entry_task(task))  # fail here, naming the task, if it can't travel
+        payload = _pickle_task(_entry_task(task), pool.fork)  # fail here, naming the task, if it can't travel
         inbox = pool.inbox
         inbox.opened(1)
         try:
@@ -308,6 +317,9 @@ class TaskManager:
 
     def _wait(self, pool, wait_for, arg):
         """wait_for(arg), a wait for results. Ctrl-C stops the pool at once: no process is left."""
+        if arg != 0 and threading.current_thread() is pool.thread:
+            raise RuntimeError("a TaskChain's next_task (or a Future's callback) runs on mplite's "
+                               "engine thread, which can't wait for results: it is what delivers them")
         try:
             return wait_for(arg)
         except KeyboardInterrupt:
@@ -342,8 +354,9 @@ class ProcessPoolExecutor(futures.Executor):
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
         self._timeout = _seconds(timeout, "timeout")
-        self._pool = _Pool(_context("spawn" if mp_context is None else mp_context),
-                           _positive_int(max_workers, "max_workers"),
+        self._mp_context = _context("spawn" if mp_context is None else mp_context)
+        self._max_workers = _positive_int(max_workers, "max_workers")
+        self._pool = _Pool(self._mp_context, self._max_workers,
                            None if initializer is None else Task(initializer, *initargs),
                            None if max_tasks_per_child is None
                            else _positive_int(max_tasks_per_child, "max_tasks_per_child"),
@@ -424,7 +437,8 @@ def _result_or_cancel(future, deadline):
 
 
 class UnpicklableTaskError(TypeError, pickle.PicklingError):
-    """A task whose function or arguments can't be pickled, so it can't go to a worker."""
+    """A task whose function or arguments can't travel to a worker, even by value: a lock, an
+    open file, an instance of a class typed into a notebook. Lambdas and closures can."""
 
 
 class WorkerDiedError(ChildProcessError, BrokenProcessPool):
@@ -605,9 +619,11 @@ class _FutureTask(_Owner):
 
     def deliver(self, slot, ok, value):
         if ok:
-            self._settle(self.future.set_result, value)
-        else:
-            self._settle(self.future.set_exception, value.exception())
+            return self._settle(self.future.set_result, value)
+        exc = value.exception()
+        if value.frames and exc.__cause__ is None:  # as the standard library's executor does
+            exc.__cause__ = _RemoteTraceback(f'\n"""\n{value.text}\n"""')
+        self._settle(self.future.set_exception, exc)
 
     def stopped(self, error):
         if not isinstance(error, BrokenProcessPool):
@@ -692,7 +708,11 @@ _BOOT_DEATHS = 50  # workers killed before they were ready, in a row, before we 
 
 
 def _worker_main(conn, journal, lifeline, lifeline_end, init):
-    """The loop each worker process runs: read a message of tasks, run them, answer each."""
+    """The loop each worker process runs: read a message of tasks, run them, answer each.
+
+    init: worker_init as (f, args, kwargs), pickled by mplite where the worker is not forked
+    (multiprocessing would pickle it by name only: see _pickle), or None.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which then stops us
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked since its birth: see _Pool._run
     lifeline_end.close()  # a forked worker inherits the parent's end: ours would hide its death
@@ -702,7 +722,8 @@ def _worker_main(conn, journal, lifeline, lifeline_end, init):
     try:
         if init is not None:
             try:
-                init.f(*init.args, **init.kwargs)  # called here: its traceback starts at init
+                f, args, kwargs = pickle.loads(init) if init.__class__ is bytes else init
+                f(*args, **kwargs)  # called here: its traceback starts at init
             except BaseException as exc:
                 return out.post(_INIT_FAILED, _describe(exc)[0])
         out.post(_READY, os.getpid())
@@ -913,6 +934,8 @@ class _Worker:
         self.overdue = None     # (owner, slot) of the task it was stopped for, past its timeout
         self.received = 0       # answers read from its pipe
         self.sent = 0           # messages of tasks sent to it
+        self.holds = {}         # globals of by-value functions it was sent: see _pickle
+        self.holds_since = 0    # the pool's arrivals when that record began
         self._buf = b""         # the start of a frame, read without its end
         self._read_into = memoryview(bytearray(_READ_SIZE))  # reused: a fresh 256 KiB each read
         # would be mapped and unmapped by malloc every time, in a thread's arena
@@ -998,16 +1021,24 @@ class _Scheduling:
                 self.pending.extendleft(reversed(jobs))
                 return self._send_work(w)
         else:
+            if w.holds_since != self._arrivals:  # new work came: send globals afresh (see _pickle)
+                w.holds, w.holds_since = {}, self._arrivals
+            # A message sent ahead may be parked and go to another worker: it can't count on
+            # what this one holds, nor add to its record until it is sent.
+            holds = w.holds.copy() if w.msgs else w.holds
             message = None
             while message is None:  # None: none of those could be pickled; try the next ones
                 jobs = self._next_batch(w)
                 if not jobs:
                     return
-                message = self._pickle_batch(jobs)
+                message = self._pickle_batch(jobs, holds)
             count = sum(j.stop - j.start for j in jobs)  # some may have been dropped
             if w.msgs and len(message) > w.prefetch_bytes:
+                if holds:
+                    message = self._pickle_batch(jobs, None)
                 self.parked = (jobs, count, message)
                 return
+            w.holds = holds
         w.jobs.extend(jobs)
         w.msgs.append(count)
         if len(w.msgs) == 1:
@@ -1066,8 +1097,10 @@ class _Scheduling:
                 break
         return count
 
-    def _pickle_batch(self, jobs):
-        """The message for these jobs, or None if none of them can be pickled."""
+    def _pickle_batch(self, jobs, holds):
+        """The message for these jobs, or None if none of them can be pickled.
+
+        holds: what the worker holds of the globals of functions sent by value (see _pickle)."""
         each = any(j.owner.timeout is not None for j in jobs)
         entries = []
         for job in jobs:
@@ -1078,7 +1111,7 @@ class _Scheduling:
             else:
                 entries.extend([_entry(t) for t in job.owner.items[job.start:job.stop]])
         try:
-            return ForkingPickler.dumps((each, entries))
+            return _pickle((each, entries), self.fork, holds)
         except Exception:
             pass
         # Some task can't travel: pickle them one by one, fail that one, send the others.
@@ -1089,12 +1122,13 @@ class _Scheduling:
                 if single is not None:
                     singles.append(single)
         jobs[:] = singles
-        return ForkingPickler.dumps((each, [j.payload for j in singles])) if singles else None
+        return _pickle((each, [j.payload for j in singles])) if singles else None
 
     def _single(self, owner, slot, payload=None):
         """A job of one task, pickled alone; None if it can't be, and then it has failed."""
         try:
-            return _Job(owner, slot, slot + 1, payload or _pickle_task(_entry_task(owner.items[slot])))
+            task = _entry_task(owner.items[slot])
+            return _Job(owner, slot, slot + 1, payload or _pickle_task(task, self.fork))
         except UnpicklableTaskError as exc:
             failure = _Failure.of(exc)
             if isinstance(owner, _Call):
@@ -1197,6 +1231,7 @@ class _Answers:
         elif kind == _INIT_FAILED:
             raise BrokenProcessPool(f"{self.init_label} {_short(self.init)} failed in a worker process:\n{value}")
         else:  # _UNREADABLE: a task in that message can't be unpickled there; send them one by one
+            w.holds = {}  # it may have stopped before the globals that message carried
             singles = []
             for _ in range(w.msgs.popleft()):
                 payload = w.jobs[0].payload  # only a job of one task has one
@@ -1243,9 +1278,10 @@ class _Faults:
         # (What RawArray is made of, without the ctypes import that costs a cold start 10 ms.)
         journal = Arena(_JOURNAL_SIZE)
         process = self.ctx.Process(target=_worker_main, name="mplite-worker",
-                                   args=(child_conn, journal, self._lifeline, self._lifeline_end, self.init))
+                                   args=(child_conn, journal, self._lifeline, self._lifeline_end, self._init))
         try:
-            process.start()  # with SIGINT blocked: see start()
+            with _main_path_hidden(self.fork):
+                process.start()  # with SIGINT blocked: see start()
         finally:
             child_conn.close()
         w = _Worker(process, conn, journal, self.max_tasks)
@@ -1372,6 +1408,8 @@ class _Pool(_Scheduling, _Answers, _Faults):
         self._selector = selectors.DefaultSelector()  # what the engine sleeps on: see _turn
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._missing = 0        # workers to start: replacements of those that ended
+        self._arrivals = 0       # jobs handed over so far: see _Worker.holds
+        self.fork = ctx.get_start_method() == "fork"
         self._boot_deaths = 0
 
     # -- what callers use, from any thread -------------------------------------------------------
@@ -1386,8 +1424,11 @@ class _Pool(_Scheduling, _Answers, _Faults):
         """
         self.pid = os.getpid()
         _live_pools.add(self)
-        if self.init is not None and self.ctx.get_start_method() != "fork":
-            _pickle_task(self.init)  # say which init can't travel, before starting anything
+        self._init = None  # what the workers get of init: see _worker_main
+        if self.init is not None:
+            init = self.init
+            # Say which init can't travel, before starting anything. A forked worker inherits it.
+            self._init = (init.f, init.args, init.kwargs) if self.fork else _pickle_task(init)
         self._lifeline, self._lifeline_end = self.ctx.Pipe(duplex=False)
         # Blocked SIGINT is inherited: a worker stays deaf to Ctrl-C until it ignores it, so no
         # worker prints a KeyboardInterrupt. The engine thread keeps it blocked: see _run.
@@ -1401,8 +1442,8 @@ class _Pool(_Scheduling, _Answers, _Faults):
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         atexit.register(self._at_exit)
-        self._thread = threading.Thread(target=self._run, name="mplite-engine", daemon=True)
-        self._thread.start()
+        self.thread = threading.Thread(target=self._run, name="mplite-engine", daemon=True)
+        self.thread.start()
 
     def wait_ready(self):
         """Wait until every worker is ready; raise why if the pool broke first (worker_init)."""
@@ -1439,8 +1480,8 @@ class _Pool(_Scheduling, _Answers, _Faults):
             if self._closing is None or (self._closing[1] and not drain):
                 self._closing = (grace, drain)
         self._wake()
-        if wait and threading.current_thread() is not self._thread:
-            self._thread.join()
+        if wait and threading.current_thread() is not self.thread:
+            self.thread.join()
 
     def _at_exit(self):
         # An executor finishes what it was given, as the standard library's does; not after a
@@ -1504,6 +1545,7 @@ class _Pool(_Scheduling, _Answers, _Faults):
                 continue
             if request.owner.__class__ is _Call:
                 self.avg = None  # a new call may bring tasks of another size: measure afresh
+            self._arrivals += 1
             self.pending.append(request)
 
     def _drain_wake_ups(self):
@@ -1562,6 +1604,24 @@ def _pop_head(jobs):
     return job.owner, slot
 
 
+@contextlib.contextmanager
+def _main_path_hidden(fork):
+    """Start a worker without telling it to run a __main__ that is no file. spawn (and a
+    forkserver, which starts inside the first Process.start()) run the parent's main script
+    again in the worker, from __main__.__file__; `python -` sets that to '<stdin>', and the
+    worker would fail to start. Functions from such a __main__ travel by value anyway."""
+    main = sys.modules["__main__"]
+    path = getattr(main, "__file__", None)
+    if fork or path is None or _is_file(path):
+        yield
+        return
+    del main.__file__
+    try:
+        yield
+    finally:
+        main.__file__ = path
+
+
 def _exit_fd(process):
     """A file descriptor that becomes readable when the process ends. A pidfd where the system
     has them: the process's sentinel pipe stays open in any child a task forks, and would hide
@@ -1599,6 +1659,258 @@ def _wait_for_exit(processes, seconds):
         wait([p.sentinel for p in alive], left)
         alive = [p for p in alive if p.exitcode is None]
     return alive
+
+
+# ---------------------------------------------------------------------------------------------
+# Functions that travel by value
+#
+# pickle sends a function by name: the worker imports its module and looks it up. That fails
+# for a lambda, a nested function, and anything typed into a notebook, a REPL, `python -c` or
+# `python -` (the workers can't import that __main__). Such a function travels by value
+# instead: its code (marshal: parent and workers run the same interpreter), its closure cells,
+# defaults and the globals its code really uses. Functions from one namespace share one
+# globals dict in each worker, as a module's functions share the module. A function the
+# workers can import still travels by name, exactly as before.
+# ---------------------------------------------------------------------------------------------
+
+_CURE = ("move it into a .py module next to your notebook or script and import it from there, "
+         "or use context='fork' where available")
+# The opcodes that name a global. Attribute names (x.tm) are in co_names too, under LOAD_ATTR
+# and STORE_ATTR: they must not drag a global of the same name along.
+_GLOBAL_OPS = frozenset({"LOAD_GLOBAL", "STORE_GLOBAL", "DELETE_GLOBAL", "LOAD_NAME",
+                         "LOAD_FROM_DICT_OR_GLOBALS"})
+_WRITE_OPS = frozenset({"STORE_GLOBAL", "DELETE_GLOBAL"})
+_MISSING = object()
+
+
+def _pickle(obj, fork=False, sent=None):
+    """obj pickled for a worker: by name where the workers can import it, else by value.
+
+    The fast path is multiprocessing's own pickler; the by-value one runs when that fails (a
+    lambda) or when the workers can't import __main__ (a notebook), where names mislead.
+    fork: classes of a file-less __main__ may go by name (the workers forked with them).
+    sent: see _ByValuePickler. Raises pickle.PicklingError saying what can't travel and why.
+    """
+    if _importable("__main__", sys.modules["__main__"]):
+        try:
+            return ForkingPickler.dumps(obj)
+        except Exception:
+            pass
+    out = io.BytesIO()
+    pickler = _ByValuePickler(out, fork, sent)
+    try:
+        pickler.dump(obj)
+    except Exception as exc:
+        why = _culprit(pickler.by_value, fork)
+        if why is None:
+            raise
+        raise pickle.PicklingError(why) from exc
+    if sent is not None:
+        sent.update(pickler.fresh)
+    return out.getbuffer()
+
+
+def _importable(name, module):
+    """Will a worker import this module by name? spawn and forkserver workers run __main__
+    again from its file, but not a notebook's, a REPL's, `-c`'s, stdin's ('<stdin>' is no
+    file) or a package's (`python -m pkg`)."""
+    spec = getattr(module, "__spec__", None)
+    if name != "__main__":
+        return spec is not None or hasattr(module, "__file__")  # else made at run time
+    if spec is not None:
+        return not spec.name.endswith("__main__")
+    path = getattr(module, "__file__", None)
+    return bool(path) and _is_file(path) and os.path.basename(path) != "ipython"
+
+
+_is_file = functools.lru_cache(maxsize=8)(os.path.isfile)  # one stat per script, not per batch
+
+
+def _by_name(obj):
+    """Can a worker find this function or class by its module and qualified name? Not cached:
+    a notebook cell run again makes a new function under the old name, which must then go by value."""
+    qualname = obj.__qualname__
+    if "<" in qualname:  # <lambda>, <locals>: no attribute path leads there
+        return False
+    module = sys.modules.get(obj.__module__)
+    if module is None or not _importable(obj.__module__, module):
+        return False
+    for part in qualname.split("."):
+        module = getattr(module, part, None)
+    return module is obj
+
+
+def _stuck_class(cls):
+    """A class no worker can import: defined in a function, or in a file-less __main__."""
+    return (cls.__module__ == "__main__" or "<locals>" in cls.__qualname__) and not _by_name(cls)
+
+
+_code_info_cache = {}  # id(code) -> (weakref to code, marshalled, global names, written, co_names)
+
+
+def _code_info(code):
+    """The marshalled code and the names its bytecode uses as globals, nested code included.
+    Reading bytecode costs ~100 us: once per code object (lambdas made in a loop share it)."""
+    info = _code_info_cache.get(id(code))
+    if info is None or info[0]() is not code:
+        names, writes, attrs, todo = set(), set(), set(), [code]
+        while todo:
+            c = todo.pop()
+            attrs.update(c.co_names)
+            for ins in dis.get_instructions(c):
+                if ins.opname in _GLOBAL_OPS:
+                    names.add(ins.argval)
+                    if ins.opname in _WRITE_OPS:
+                        writes.add(ins.argval)
+            todo.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
+        ref = weakref.ref(code, lambda _, key=id(code): _code_info_cache.pop(key, None))
+        info = _code_info_cache[id(code)] = (ref, marshal.dumps(code), tuple(names), tuple(writes), attrs)
+    return info
+
+
+def _cells(f):
+    """{index: value} of f's closure cells; an empty one (not assigned yet) stays empty."""
+    cells = {}
+    for i, cell in enumerate(f.__closure__ or ()):
+        try:
+            cells[i] = cell.cell_contents
+        except ValueError:
+            pass
+    return cells
+
+
+def _submodules(module, names):
+    """Submodules the code reaches as attributes (`xml.dom.minidom.parseString` after
+    `import xml.dom.minidom`): a worker importing the package alone may not load them."""
+    found, todo = [], [module]
+    while todo:
+        prefix = todo.pop().__name__ + "."
+        for name in names:
+            sub = sys.modules.get(prefix + name)
+            if sub is not None and sub not in found:
+                found.append(sub)
+                todo.append(sub)
+    return found
+
+
+class _ByValuePickler(ForkingPickler):
+    """multiprocessing's pickler (its reducers kept), sending what can't go by name by value.
+
+    sent: a record kept per worker of the globals it already holds, {(namespace, name):
+    value}; a value sent before (the same object) is not sent again. The engine empties it
+    whenever new work arrives, so a global changed between calls reaches the workers.
+    """
+
+    def __init__(self, file, fork=False, sent=None):
+        super().__init__(file, pickle.HIGHEST_PROTOCOL)
+        self.fork = fork
+        self.sent = sent
+        self.fresh = {}     # globals sent by this message, for `sent` once it is done
+        self.by_value = []  # functions sent by value, to name the culprit if pickling fails
+
+    def reducer_override(self, obj):  # called once per object (pickle's memo), not for int, str...
+        if type(obj) is types.FunctionType:
+            return NotImplemented if _by_name(obj) else self._reduce_function(obj)
+        if isinstance(obj, type):
+            if _stuck_class(obj) and not (self.fork and obj.__module__ == "__main__"):
+                raise pickle.PicklingError(
+                    f"class {obj.__module__}.{obj.__qualname__} can't be imported by a worker "
+                    f"process, so neither it nor its instances can be sent there: {_CURE}")
+        elif isinstance(obj, types.ModuleType):  # modules travel by name (pickle refuses them)
+            if sys.modules.get(obj.__name__) is obj and _importable(obj.__name__, obj):
+                return importlib.import_module, (obj.__name__,)
+            raise pickle.PicklingError(f"module {obj.__name__!r} can't be imported by a worker process: {_CURE}")
+        return NotImplemented
+
+    def _reduce_function(self, f):
+        _, code, names, writes, attributes_used = _code_info(f.__code__)
+        g = f.__globals__
+        namespace = (f.__module__, os.getpid(), id(g))  # one per source namespace: see _namespace
+        values, modules = {}, []
+        for name in names:
+            value = g.get(name, _MISSING)  # missing: a builtin, or not defined yet
+            if value is not _MISSING and name != "__builtins__":
+                values[name] = value
+                if isinstance(value, types.ModuleType):
+                    modules += _submodules(value, attributes_used)
+        if self.sent is not None:
+            for name in list(values):
+                if self.sent.get((namespace, name), _MISSING) is values[name]:
+                    del values[name]  # this worker holds it already
+                else:
+                    self.fresh[namespace, name] = values[name]
+        attrs = {"__qualname__": f.__qualname__}
+        for attr in ("__defaults__", "__kwdefaults__", "__doc__", "__dict__"):
+            value = getattr(f, attr)
+            if value:  # None or empty: the rebuilt function has that already
+                attrs[attr] = value
+        if f.__annotations__:  # documentation: a class that can't travel goes as its name
+            attrs["__annotations__"] = {k: v.__qualname__ if isinstance(v, type) and _stuck_class(v) else v
+                                        for k, v in f.__annotations__.items()}
+        self.by_value.append(f)
+        # With a state setter, pickle memoizes the bare function before it pickles the state:
+        # so a function that reaches itself (recursion, f -> g -> f, its own closure) works.
+        state = (namespace, values, writes, _cells(f), attrs, modules)
+        return _function_skeleton, (code, f.__name__, namespace), state, None, None, _function_setstate
+
+
+def _culprit(functions, fork):
+    """After a failure: which value of which by-value function can't be pickled, in words."""
+    for f in reversed(functions):  # the innermost first: it was being pickled when it failed
+        g, free = f.__globals__, f.__code__.co_freevars
+        parts = [(f"global {n!r}", g[n]) for n in _code_info(f.__code__)[2] if n in g]
+        parts += [(f"closure variable {free[i]!r}", v) for i, v in _cells(f).items()]
+        parts += [("default value", v) for v in f.__defaults__ or ()]
+        parts += [(f"default for {k!r}", v) for k, v in (f.__kwdefaults__ or {}).items()]
+        for what, value in parts:
+            if type(value) is types.FunctionType and not _by_name(value):
+                continue  # a by-value function: looked at on its own
+            try:
+                _ByValuePickler(io.BytesIO(), fork).dump(value)
+            except Exception as exc:
+                cure = "" if _CURE in str(exc) else (
+                    "; define the function at the top level of a .py module and import it, or "
+                    "create that value in the worker (in worker_init, say)")
+                return (f"function {f.__module__}.{f.__qualname__} can't be sent to a worker process "
+                        f"by value: its {what}, a {type(value).__qualname__}, can't be pickled: {exc}{cure}")
+    return None
+
+
+# The worker's side: pickle.loads finds these two by name.
+
+_namespaces = {}  # (module name, parent pid, id of its globals) -> (globals dict, names written there)
+
+
+def _namespace(key):
+    """The one globals dict of a source namespace in this worker: functions typed into one
+    notebook share it as a module's functions share the module, so a worker_init's `global
+    model` is seen by the tasks. Not the worker's own __main__, whose names it would clash with."""
+    entry = _namespaces.get(key)
+    if entry is None:
+        entry = _namespaces[key] = ({"__builtins__": builtins, "__name__": key[0]}, set())
+    return entry
+
+
+def _function_skeleton(code, name, key):
+    code = marshal.loads(code)
+    cells = tuple(types.CellType() for _ in code.co_freevars) or None  # filled by _function_setstate
+    return types.FunctionType(code, _namespace(key)[0], name, None, cells)
+
+
+def _function_setstate(f, state):
+    key, values, writes, cells, attrs, _ = state  # the submodules were imported by unpickling them
+    namespace, written = _namespace(key)
+    for name, value in values.items():
+        # A name that a function of this namespace assigns (`global model` in a worker_init)
+        # belongs to the worker once there: the parent's stale copy (often a `model = None`
+        # line) doesn't overwrite it. Other globals take the newest value.
+        if name not in written or name not in namespace:
+            namespace[name] = value
+    written.update(writes)
+    for i, value in cells.items():
+        f.__closure__[i].cell_contents = value
+    for attr, value in attrs.items():
+        setattr(f, attr, value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1710,9 +2022,9 @@ def _entry(item):
     return task.f, task.args, task.kwargs
 
 
-def _check_functions(items):
-    """Refuse a call whose function can't be pickled (a lambda, a local function) before any
-    task is sent: that is the usual case. Arguments are checked as their batches are pickled."""
+def _check_functions(items, fork):
+    """Refuse a call whose function can't travel, even by value, before any task is sent: that
+    is the usual case. Arguments are checked as their batches are pickled."""
     try:  # one task for each distinct function
         functions = dict(zip(map(id, map(attrgetter("f"), items)), items))
     except AttributeError:  # there are chains: look at their tasks
@@ -1720,15 +2032,15 @@ def _check_functions(items):
     for item in functions.values():
         task = _entry_task(item)
         try:
-            ForkingPickler.dumps(task.f)
+            _pickle(task.f, fork)
         except Exception as exc:
             raise UnpicklableTaskError(f"{_short(task)} can't be sent to a worker process: "
                                        f"it can't be pickled: {exc}") from exc
 
 
-def _pickle_task(task):
+def _pickle_task(task, fork=False):
     try:
-        return ForkingPickler.dumps((task.f, task.args, task.kwargs)).tobytes()
+        return _pickle((task.f, task.args, task.kwargs), fork).tobytes()
     except Exception as exc:
         raise UnpicklableTaskError(f"{_short(task)} can't be sent to a worker process: "
                                    f"it can't be pickled: {exc}") from exc
