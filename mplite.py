@@ -1438,6 +1438,7 @@ class _Pool(_Scheduling, _Answers, _Faults):
                 self._spawn()
         except BaseException:
             self._stop_workers(0)
+            self._close_files()
             raise
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
@@ -1507,7 +1508,7 @@ class _Pool(_Scheduling, _Answers, _Faults):
         except BrokenProcessPool as exc:
             error = exc
         except BaseException as exc:  # a bug of ours: fail every caller, rather than hang one
-            error = BrokenProcessPool(f"mplite's engine failed: {''.join(traceback.format_exception(type(exc), exc, exc.__traceback__))}")
+            error = BrokenProcessPool(f"mplite's engine failed:\n{_describe(exc)[0]}")
         self._shut_down(error)
 
     def _turn(self):
@@ -1577,14 +1578,12 @@ class _Pool(_Scheduling, _Answers, _Faults):
         self.pending.clear()
         self.parked = None
         self.ready.set()
-        grace = self._closing[0] if self._closing else 0
-        self._stop_workers(grace)
-        self._lifeline.close()
-        self._lifeline_end.close()
-        self._selector.close()
-        self._wake_r.close()
-        self._wake_w.close()
+        self._stop_workers(self._closing[0] if self._closing else 0)
+        self._close_files()
 
+    def _close_files(self):
+        for f in (self._lifeline, self._lifeline_end, self._selector, self._wake_r, self._wake_w):
+            f.close()
 
 
 def _deadline(w):

@@ -55,7 +55,7 @@ Contenders: serial loop; multiprocessing.Pool (``map``, default chunksize; ``ima
 chunksize=1; W4/W6 use one Pool, ``apply_async().get()`` for W6, so they are shown once under
 Pool.map); concurrent.futures.ProcessPoolExecutor (``map`` chunksize=1, ``submit().result()``);
 mplite (``execute``, ``submit`` + ``take(timeout=None)``); mplite's ProcessPoolExecutor (``map``,
-``submit().result()``); optional: another mplite.py given by --baseline-path (as mplite); mplite 1.3.x (``execute``
+``submit().result()``); mplite with W1's task written as a lambda (it travels by value); optional: another mplite.py given by --baseline-path (as mplite); mplite 1.3.x (``execute``
 with a silent pbar; W6 polls the non-blocking ``take()``), loky (``get_reusable_executor``,
 which refuses 'fork': it gets loky's own start method there, and the table says so), pebble
 (``ProcessPool``), mpire (``WorkerPool``, keep_alive=True).
@@ -95,6 +95,9 @@ W6_TRIPS = 500
 
 def adder(a, b=1):
     return a + b
+
+
+adder_lambda = lambda a, b=1: a + b  # noqa: E731  a lambda travels by value: W1 measures that
 
 
 def spin(ms):
@@ -249,6 +252,18 @@ class MplitePPE(Mplite):
     roundtrip = PPE.roundtrip
 
 
+class MpliteLambda(Mplite):
+    """mplite with the same tiny task written as a lambda, which travels by value."""
+    label = "mplite, lambda task"
+    workloads = ("W1", "W6")
+
+    def map(self, fn, args):
+        return Mplite.map(self, adder_lambda if fn is adder else fn, args)
+
+    def roundtrip(self, fn, arg):
+        return Mplite.roundtrip(self, adder_lambda if fn is adder else fn, arg)
+
+
 class MpliteBaseline(Mplite):
     """Another mplite.py (say, the last release) beside this one: --baseline-path DIR."""
     label = "mplite baseline"
@@ -338,6 +353,7 @@ CONTENDERS = {
     "ProcessPoolExecutor": PPE,
     "mplite": Mplite,
     "mplite.PPE": MplitePPE,
+    "mplite-lambda": MpliteLambda,
     "mplite-baseline": MpliteBaseline,
     "mplite1": Mplite1,
     "loky": Loky,
@@ -495,7 +511,7 @@ def available_contenders(opts):
         if opts.only and name not in opts.only:
             continue
         path = None
-        if name in ("mplite", "mplite.PPE"):
+        if name in ("mplite", "mplite.PPE", "mplite-lambda"):
             path = opts.mplite_path
         elif name == "mplite-baseline":
             path = opts.baseline_path
@@ -520,6 +536,8 @@ def available_contenders(opts):
             label = "mplite %s ProcessPoolExecutor" % version
         elif name == "mplite-baseline":
             label = "mplite %s (baseline)" % version
+        elif name == "mplite-lambda":
+            label = "mplite %s, lambda task" % version
         elif cls.module == "mplite":
             label = "mplite " + version
         else:
