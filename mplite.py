@@ -59,7 +59,7 @@ from concurrent import futures
 from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 from itertools import repeat
 from math import ceil
-from multiprocessing import get_context, get_all_start_methods
+from multiprocessing import get_context, get_all_start_methods, resource_tracker
 from multiprocessing.connection import wait
 from multiprocessing.context import BaseContext
 from multiprocessing.heap import Arena
@@ -714,7 +714,7 @@ def _worker_main(conn, journal, lifeline, lifeline_end, init):
     (multiprocessing would pickle it by name only: see _pickle), or None.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which then stops us
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked since its birth: see _Pool._run
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked since its birth: see _spawn
     lifeline_end.close()  # a forked worker inherits the parent's end: ours would hide its death
     threading.Thread(target=_exit_when_closed, args=(lifeline,), daemon=True).start()
     fd = conn.fileno()
@@ -1279,10 +1279,18 @@ class _Faults:
         journal = Arena(_JOURNAL_SIZE)
         process = self.ctx.Process(target=_worker_main, name="mplite-worker",
                                    args=(child_conn, journal, self._lifeline, self._lifeline_end, self._init))
+        if not self.fork:
+            # Started by the first spawn, multiprocessing's resource tracker unblocks SIGINT
+            # when it is done: let it start now, not inside the window below.
+            resource_tracker.ensure_running()
+        # A blocked SIGINT is inherited: the worker stays deaf to Ctrl-C until it ignores it,
+        # so no worker prints a KeyboardInterrupt.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             with _main_path_hidden(self.fork):
-                process.start()  # with SIGINT blocked: see start()
+                process.start()
         finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             child_conn.close()
         w = _Worker(process, conn, journal, self.max_tasks)
         self.workers.append(w)
@@ -1430,9 +1438,6 @@ class _Pool(_Scheduling, _Answers, _Faults):
             # Say which init can't travel, before starting anything. A forked worker inherits it.
             self._init = (init.f, init.args, init.kwargs) if self.fork else _pickle_task(init)
         self._lifeline, self._lifeline_end = self.ctx.Pipe(duplex=False)
-        # Blocked SIGINT is inherited: a worker stays deaf to Ctrl-C until it ignores it, so no
-        # worker prints a KeyboardInterrupt. The engine thread keeps it blocked: see _run.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             for _ in range(self.size):
                 self._spawn()
@@ -1440,8 +1445,6 @@ class _Pool(_Scheduling, _Answers, _Faults):
             self._stop_workers(0)
             self._close_files()
             raise
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         atexit.register(self._at_exit)
         self.thread = threading.Thread(target=self._run, name="mplite-engine", daemon=True)
         self.thread.start()
@@ -1499,8 +1502,6 @@ class _Pool(_Scheduling, _Answers, _Faults):
     # -- the engine thread ---------------------------------------------------------------------
 
     def _run(self):
-        # Replacement workers inherit this thread's signal mask: SIGINT blocked, as in start().
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         error = None
         try:
             while self._turn():
@@ -1690,12 +1691,13 @@ def _pickle(obj, fork=False, sent=None):
     fork: classes of a file-less __main__ may go by name (the workers forked with them).
     sent: see _ByValuePickler. Raises pickle.PicklingError saying what can't travel and why.
     """
+    out = io.BytesIO()
     if _importable("__main__", sys.modules["__main__"]):
         try:
-            return ForkingPickler.dumps(obj)
+            ForkingPickler(out, pickle.HIGHEST_PROTOCOL).dump(obj)
+            return out.getvalue()
         except Exception:
-            pass
-    out = io.BytesIO()
+            out = io.BytesIO()
     pickler = _ByValuePickler(out, fork, sent)
     try:
         pickler.dump(obj)
@@ -1706,7 +1708,7 @@ def _pickle(obj, fork=False, sent=None):
         raise pickle.PicklingError(why) from exc
     if sent is not None:
         sent.update(pickler.fresh)
-    return out.getbuffer()
+    return out.getvalue()
 
 
 def _importable(name, module):
@@ -2039,7 +2041,7 @@ def _check_functions(items, fork):
 
 def _pickle_task(task, fork=False):
     try:
-        return _pickle((task.f, task.args, task.kwargs), fork).tobytes()
+        return _pickle((task.f, task.args, task.kwargs), fork)
     except Exception as exc:
         raise UnpicklableTaskError(f"{_short(task)} can't be sent to a worker process: "
                                    f"it can't be pickled: {exc}") from exc

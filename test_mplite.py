@@ -466,8 +466,10 @@ def readme_scripts():
 README_OUTPUTS = [  # what each of the README's runnable examples prints, in part
     ["hereof 5 had errors.", "expected --> Traceback"],
     ["sum: 55"],
+    ["[100, 101, 102]", "[0, 3, 6]"],
     ["144", "[0, 1, 4, 9, 16]", "asyncio: 25"],
 ]
+README_NOTEBOOK_EXAMPLE = 2
 
 
 @pytest.mark.parametrize("index", range(len(README_OUTPUTS)))
@@ -482,6 +484,20 @@ def test_readme_examples_run(index, tmp_path):
     out = proc.stdout.decode(errors="replace")
     assert proc.returncode == 0, out[-3000:]
     assert all(text in out for text in README_OUTPUTS[index]), out[-3000:]
+
+
+@pytest.mark.parametrize("how", ["stdin", "-c"])
+def test_readme_notebook_example_runs_as_typed_into_a_repl(how, tmp_path):
+    # Piped into `python -` or given to `python -c`, its __main__ is no file the workers can
+    # import: every function of it travels by value, and worker_init's global reaches the tasks.
+    source = readme_scripts()[README_NOTEBOOK_EXAMPLE]
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(mplite.__file__)))
+    args = [sys.executable, "-"] if how == "stdin" else [sys.executable, "-c", source]
+    proc = subprocess.run(args, input=source.encode() if how == "stdin" else None, cwd=str(tmp_path),
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=110)
+    out = proc.stdout.decode(errors="replace")
+    assert proc.returncode == 0, out[-3000:]
+    assert all(text in out for text in README_OUTPUTS[README_NOTEBOOK_EXAMPLE]), out[-3000:]
 
 
 def test_spawn_workers_import_this_file_as_module_test_mplite(spool):
@@ -1075,13 +1091,15 @@ def test_submit_of_a_non_task_raises_type_error(spool, not_a_task):
 
 
 def test_unpicklable_tasks_are_refused_and_queued_work_survives(pool, tmp_path):
+    lock = threading.Lock()
+
     def local_function():
-        return 1
+        return lock.locked()  # a closure over a lock: it can't travel, even by value
 
     gate = str(tmp_path / "gate")
     queued = Task(wait_for_file, gate, "queued")
     pool.submit(queued)
-    bad_tasks = [(Task(lambda: 1), "<lambda>"), (Task(local_function), "local_function"),
+    bad_tasks = [(Task(lambda: lock), "<lambda>"), (Task(local_function), "local_function"),
                  (Task(adder, threading.Lock(), 1), "adder")]
     for bad, name in bad_tasks:
         with pytest.raises(TypeError) as info:
@@ -1089,8 +1107,9 @@ def test_unpicklable_tasks_are_refused_and_queued_work_survives(pool, tmp_path):
         assert isinstance(info.value, pickle.PicklingError)
         assert name in str(info.value)
     with pytest.raises(TypeError) as info:
-        pool.execute([Task(adder, 1, 2), Task(lambda: 2)], progress=False)
+        pool.execute([Task(adder, 1, 2), Task(lambda: lock)], progress=False)
     assert isinstance(info.value, pickle.PicklingError) and "<lambda>" in str(info.value)
+    assert "closure variable 'lock'" in str(info.value), str(info.value)
     assert pool.open_tasks == 1
     open(gate, "w").close()
     assert pool.take(timeout=60) == "queued"
@@ -1213,8 +1232,11 @@ def test_results_sharing_objects_inside_come_back_intact(pool):
     assert pool.map(word_record, range(3000)) == [word_record(i) for i in range(3000)]
 
 
+CHAIN_LOCK = threading.Lock()
+
+
 def chain_to_lambda(prev_task, result):
-    return Task(lambda: result)  # can't be pickled: the chain fails at this step
+    return Task(lambda: (result, CHAIN_LOCK))  # uses a lock: it can't travel, and the chain fails here
 
 
 def test_a_chain_step_that_cant_be_pickled_fails_alone(pools):
@@ -1973,11 +1995,12 @@ def test_fault_max_tasks_per_child(fault_method, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 def _fault_bad_tasks(fh):
-    def _fault_local_function():
-        return 1
     lock = threading.Lock()
+
+    def _fault_local_function():  # a closure over a lock: it can't travel, even by value
+        return lock.locked()
     return [
-        (Task(lambda: 1), "<lambda>"),
+        (Task(lambda: lock), "<lambda>"),
         (Task(_fault_local_function), "_fault_local_function"),
         (Task(_fault_identity, fh), "_fault_identity"),
         (Task(_fault_identity, lock), "_fault_identity"),
@@ -3408,7 +3431,7 @@ def test_executor_exception_is_the_tasks_own_with_the_worker_traceback(spex):
 
 def test_executor_unpicklable_arguments_and_results_fail_their_future(spex):
     bad = [spex.submit(adder, threading.Lock(), 1),  # submit() itself does not raise
-           spex.submit(lambda: 1),
+           spex.submit(ignore_args, (i for i in range(3))),
            spex.submit(ignore_args, key=threading.Lock())]
     good = spex.submit(adder, 1, 2)
     for future in bad:
