@@ -231,7 +231,7 @@ class TaskManager:
         pool = self._running()
         tasks = _task_list(tasks)
         timeout = self.timeout if timeout is _DEFAULT else _seconds(timeout, "timeout")
-        _check_functions(tasks, pool.fork)
+        _check_functions(tasks, pool.forked_main)
         bar = _progress_bar(len(tasks), tqdm, pbar, progress and bool(tasks))
         if not tasks:
             return []
@@ -258,7 +258,7 @@ class TaskManager:
         if not isinstance(task, (Task, TaskChain)):
             raise TypeError(f"submit takes a Task or TaskChain, not {type(task).__name__}")
         timeout = self.timeout if timeout is _DEFAULT else _seconds(timeout, "timeout")
-        payload = _pickle_task(_entry_task(task), pool.fork)  # fail here, naming the task, if it can't travel
+        payload = _pickle_task(_entry_task(task), pool.forked_main)  # fail here, naming the task, if it can't travel
         inbox = pool.inbox
         inbox.opened(1)
         try:
@@ -726,6 +726,7 @@ def _worker_main(conn, journal, lifeline, lifeline_end, init):
                 f(*args, **kwargs)  # called here: its traceback starts at init
             except BaseException as exc:
                 return out.post(_INIT_FAILED, _describe(exc)[0])
+            _note_assigned(f)
         out.post(_READY, os.getpid())
         _serve_messages(fd, out)
     except OSError:  # the parent is gone: nobody to tell
@@ -1111,7 +1112,7 @@ class _Scheduling:
             else:
                 entries.extend([_entry(t) for t in job.owner.items[job.start:job.stop]])
         try:
-            return _pickle((each, entries), self.fork, holds)
+            return _pickle((each, entries), self.forked_main, holds)
         except Exception:
             pass
         # Some task can't travel: pickle them one by one, fail that one, send the others.
@@ -1128,7 +1129,7 @@ class _Scheduling:
         """A job of one task, pickled alone; None if it can't be, and then it has failed."""
         try:
             task = _entry_task(owner.items[slot])
-            return _Job(owner, slot, slot + 1, payload or _pickle_task(task, self.fork))
+            return _Job(owner, slot, slot + 1, payload or _pickle_task(task, self.forked_main))
         except UnpicklableTaskError as exc:
             failure = _Failure.of(exc)
             if isinstance(owner, _Call):
@@ -1418,6 +1419,7 @@ class _Pool(_Scheduling, _Answers, _Faults):
         self._missing = 0        # workers to start: replacements of those that ended
         self._arrivals = 0       # jobs handed over so far: see _Worker.holds
         self.fork = ctx.get_start_method() == "fork"
+        self.forked_main = None  # fork: the classes of __main__ the workers inherit (see _pickle)
         self._boot_deaths = 0
 
     # -- what callers use, from any thread -------------------------------------------------------
@@ -1432,11 +1434,18 @@ class _Pool(_Scheduling, _Answers, _Faults):
         """
         self.pid = os.getpid()
         _live_pools.add(self)
+        if self.fork:
+            main = vars(sys.modules["__main__"])
+            self.forked_main = weakref.WeakValueDictionary({k: v for k, v in main.items() if isinstance(v, type)})
         self._init = None  # what the workers get of init: see _worker_main
         if self.init is not None:
             init = self.init
-            # Say which init can't travel, before starting anything. A forked worker inherits it.
-            self._init = (init.f, init.args, init.kwargs) if self.fork else _pickle_task(init)
+            try:  # pickled like a task, to run in the same namespace as the tasks
+                self._init = _pickle_task(init, self.forked_main)
+            except UnpicklableTaskError:  # say which init can't travel, before starting anything
+                if not self.fork:
+                    raise
+                self._init = (init.f, init.args, init.kwargs)  # a forked worker inherits it
         self._lifeline, self._lifeline_end = self.ctx.Pipe(duplex=False)
         try:
             for _ in range(self.size):
@@ -1683,13 +1692,14 @@ _WRITE_OPS = frozenset({"STORE_GLOBAL", "DELETE_GLOBAL"})
 _MISSING = object()
 
 
-def _pickle(obj, fork=False, sent=None):
+def _pickle(obj, forked_main=None, sent=None):
     """obj pickled for a worker: by name where the workers can import it, else by value.
 
     The fast path is multiprocessing's own pickler; the by-value one runs when that fails (a
     lambda) or when the workers can't import __main__ (a notebook), where names mislead.
-    fork: classes of a file-less __main__ may go by name (the workers forked with them).
-    sent: see _ByValuePickler. Raises pickle.PicklingError saying what can't travel and why.
+    forked_main: for a fork pool, {name: class} of the __main__ its workers were forked with:
+    those classes may go by name even where __main__ is no file. sent: see _ByValuePickler.
+    Raises pickle.PicklingError saying what can't travel and why.
     """
     out = io.BytesIO()
     if _importable("__main__", sys.modules["__main__"]):
@@ -1698,11 +1708,11 @@ def _pickle(obj, fork=False, sent=None):
             return out.getvalue()
         except Exception:
             out = io.BytesIO()
-    pickler = _ByValuePickler(out, fork, sent)
+    pickler = _ByValuePickler(out, forked_main, sent)
     try:
         pickler.dump(obj)
     except Exception as exc:
-        why = _culprit(pickler.by_value, fork)
+        why = _culprit(pickler.by_value, forked_main)
         if why is None:
             raise
         raise pickle.PicklingError(why) from exc
@@ -1802,9 +1812,9 @@ class _ByValuePickler(ForkingPickler):
     whenever new work arrives, so a global changed between calls reaches the workers.
     """
 
-    def __init__(self, file, fork=False, sent=None):
+    def __init__(self, file, forked_main=None, sent=None):
         super().__init__(file, pickle.HIGHEST_PROTOCOL)
-        self.fork = fork
+        self.forked_main = forked_main
         self.sent = sent
         self.fresh = {}     # globals sent by this message, for `sent` once it is done
         self.by_value = []  # functions sent by value, to name the culprit if pickling fails
@@ -1813,10 +1823,15 @@ class _ByValuePickler(ForkingPickler):
         if type(obj) is types.FunctionType:
             return NotImplemented if _by_name(obj) else self._reduce_function(obj)
         if isinstance(obj, type):
-            if _stuck_class(obj) and not (self.fork and obj.__module__ == "__main__"):
-                raise pickle.PicklingError(
-                    f"class {obj.__module__}.{obj.__qualname__} can't be imported by a worker "
-                    f"process, so neither it nor its instances can be sent there: {_CURE}")
+            if not _stuck_class(obj):
+                return NotImplemented
+            forked = self.forked_main
+            if forked is not None and obj.__module__ == "__main__" and forked.get(obj.__qualname__) is obj:
+                return NotImplemented  # the forked workers have it
+            why = ("it was defined after the pool's workers were forked" if forked is not None
+                   else "it can't be imported by a worker process")
+            raise pickle.PicklingError(f"class {obj.__module__}.{obj.__qualname__}: {why}, so neither it "
+                                       f"nor its instances can be sent there: {_CURE}")
         elif isinstance(obj, types.ModuleType):  # modules travel by name (pickle refuses them)
             if sys.modules.get(obj.__name__) is obj and _importable(obj.__name__, obj):
                 return importlib.import_module, (obj.__name__,)
@@ -1826,7 +1841,9 @@ class _ByValuePickler(ForkingPickler):
     def _reduce_function(self, f):
         _, code, names, writes, attributes_used = _code_info(f.__code__)
         g = f.__globals__
-        namespace = (f.__module__, os.getpid(), id(g))  # one per source namespace: see _namespace
+        module = sys.modules.get(f.__module__)
+        shared = module is not None and module.__dict__ is g and _importable(f.__module__, module)
+        namespace = (f.__module__, os.getpid(), id(g), shared)  # one per source namespace: see _namespace
         values, modules = {}, []
         for name in names:
             value = g.get(name, _MISSING)  # missing: a builtin, or not defined yet
@@ -1855,7 +1872,7 @@ class _ByValuePickler(ForkingPickler):
         return _function_skeleton, (code, f.__name__, namespace), state, None, None, _function_setstate
 
 
-def _culprit(functions, fork):
+def _culprit(functions, forked_main):
     """After a failure: which value of which by-value function can't be pickled, in words."""
     for f in reversed(functions):  # the innermost first: it was being pickled when it failed
         g, free = f.__globals__, f.__code__.co_freevars
@@ -1867,7 +1884,7 @@ def _culprit(functions, fork):
             if type(value) is types.FunctionType and not _by_name(value):
                 continue  # a by-value function: looked at on its own
             try:
-                _ByValuePickler(io.BytesIO(), fork).dump(value)
+                _ByValuePickler(io.BytesIO(), forked_main).dump(value)
             except Exception as exc:
                 cure = "" if _CURE in str(exc) else (
                     "; define the function at the top level of a .py module and import it, or "
@@ -1879,35 +1896,46 @@ def _culprit(functions, fork):
 
 # The worker's side: pickle.loads finds these two by name.
 
-_namespaces = {}  # (module name, parent pid, id of its globals) -> (globals dict, names written there)
+_namespaces = {}  # (module, parent pid, id of its globals, shared) -> globals dict
+_assigned = {}    # id of a globals dict -> the names code run in this worker assigned there
 
 
 def _namespace(key):
-    """The one globals dict of a source namespace in this worker: functions typed into one
-    notebook share it as a module's functions share the module, so a worker_init's `global
-    model` is seen by the tasks. Not the worker's own __main__, whose names it would clash with."""
-    entry = _namespaces.get(key)
-    if entry is None:
-        entry = _namespaces[key] = ({"__builtins__": builtins, "__name__": key[0]}, set())
-    return entry
+    """The one globals dict of a source namespace in this worker. A module the worker can
+    import (a script's __main__ too) lends its own, which its functions sent by name use.
+    Functions typed into a notebook share a dict of their own, as a module's functions share
+    the module; not the worker's __main__, whose names it would clash with."""
+    namespace = _namespaces.get(key)
+    if namespace is None:
+        name, _, _, shared = key
+        namespace = vars(importlib.import_module(name)) if shared else {"__builtins__": builtins, "__name__": name}
+        _namespaces[key] = namespace
+    return namespace
+
+
+def _note_assigned(f):
+    """f ran here (a worker_init): the globals its code assigns are the worker's from now on."""
+    if type(f) is types.FunctionType:
+        _assigned.setdefault(id(f.__globals__), set()).update(_code_info(f.__code__)[3])
 
 
 def _function_skeleton(code, name, key):
     code = marshal.loads(code)
     cells = tuple(types.CellType() for _ in code.co_freevars) or None  # filled by _function_setstate
-    return types.FunctionType(code, _namespace(key)[0], name, None, cells)
+    return types.FunctionType(code, _namespace(key), name, None, cells)
 
 
 def _function_setstate(f, state):
     key, values, writes, cells, attrs, _ = state  # the submodules were imported by unpickling them
-    namespace, written = _namespace(key)
+    namespace = _namespace(key)
+    assigned = _assigned.setdefault(id(namespace), set())
     for name, value in values.items():
-        # A name that a function of this namespace assigns (`global model` in a worker_init)
-        # belongs to the worker once there: the parent's stale copy (often a `model = None`
-        # line) doesn't overwrite it. Other globals take the newest value.
-        if name not in written or name not in namespace:
+        # A name that code run here assigns (`global model` in a worker_init) belongs to the
+        # worker once there: the parent's stale copy (often a `model = None` line) doesn't
+        # overwrite it. Other globals take the parent's newest value.
+        if name not in assigned or name not in namespace:
             namespace[name] = value
-    written.update(writes)
+    assigned.update(writes)
     for i, value in cells.items():
         f.__closure__[i].cell_contents = value
     for attr, value in attrs.items():
@@ -2023,7 +2051,7 @@ def _entry(item):
     return task.f, task.args, task.kwargs
 
 
-def _check_functions(items, fork):
+def _check_functions(items, forked_main):
     """Refuse a call whose function can't travel, even by value, before any task is sent: that
     is the usual case. Arguments are checked as their batches are pickled."""
     try:  # one task for each distinct function
@@ -2033,15 +2061,15 @@ def _check_functions(items, fork):
     for item in functions.values():
         task = _entry_task(item)
         try:
-            _pickle(task.f, fork)
+            _pickle(task.f, forked_main)
         except Exception as exc:
             raise UnpicklableTaskError(f"{_short(task)} can't be sent to a worker process: "
                                        f"it can't be pickled: {exc}") from exc
 
 
-def _pickle_task(task, fork=False):
+def _pickle_task(task, forked_main=None):
     try:
-        return _pickle((task.f, task.args, task.kwargs), fork)
+        return _pickle((task.f, task.args, task.kwargs), forked_main)
     except Exception as exc:
         raise UnpicklableTaskError(f"{_short(task)} can't be sent to a worker process: "
                                    f"it can't be pickled: {exc}") from exc
