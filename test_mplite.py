@@ -2,6 +2,8 @@
 
 Functions used as tasks live at module level: spawn and forkserver workers import this file as the
 module ``test_mplite`` (pytest puts its folder on sys.path, which the workers inherit; a test checks it).
+Lambdas, closures and functions of a notebook or of `python -c`, which travel by value instead, are
+defined where the tests use them.
 Every test runs under a watchdog, so a hang ends the run with tracebacks instead of blocking CI.
 """
 import ast
@@ -25,9 +27,11 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import textwrap
 import threading
 import time
 import traceback
+import types
 import weakref
 from collections import Counter
 from concurrent.futures.process import BrokenProcessPool
@@ -3662,6 +3666,581 @@ def test_executor_task_finishes_when_the_program_ends_without_shutdown(scenario,
         child.assert_group_gone()
     finally:
         child.cleanup()
+
+
+# =============================================================================================
+# Issue 11: functions that travel by value: lambdas, closures, notebooks.
+#
+# Tasks defined anywhere (lambdas, closures, functions typed into a notebook, `python -c` or
+# `python -`) run under spawn, forkserver and fork; what can't travel is refused up front, saying
+# why and what to do; a function importable by name still goes by name. Functions that workers
+# must find by name live at module level (workers import this file as ``test_mplite``); a notebook
+# is imitated by exec'ing its cells in a file-less __main__, and `python -c` / `python -` are real
+# scripts, each run in its own session.
+# =============================================================================================
+
+BYVALUE_CURE = "move it into a .py module"  # the words of the cure that every "can't travel" message carries
+
+
+# ---------------------------------------------------------------------------------------------
+# Task functions (module level: workers find them by name)
+# ---------------------------------------------------------------------------------------------
+
+def call_in_worker(f, *args):
+    """Run in a worker: call a function that came to it as an argument."""
+    return f(*args)
+
+
+def probe_globals():
+    """Run in a worker: this function's name, and whether its globals are its module's own dict.
+
+    A function that came by name is the module's, with the module's globals; one rebuilt by value
+    would have a globals dict of its own."""
+    module = sys.modules.get(__name__)
+    return __name__, module is not None and globals() is module.__dict__
+
+
+def received_by_name(f):
+    """Run in a worker: is f the very object its module holds under its name, with that module's
+    globals? True only for a function that travelled by name."""
+    module = sys.modules.get(f.__module__)
+    return (module is not None and getattr(module, f.__qualname__, None) is f
+            and f.__globals__ is module.__dict__)
+
+
+_BIG_REBUILDS = [0]  # in each worker: how many times a CountedBig arrived there (was unpickled)
+
+
+class CountedBig:
+    """A large value; each unpickling counts, in the process that does it, in _BIG_REBUILDS."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __reduce__(self):
+        return _rebuild_counted_big, (self.data,)
+
+
+def _rebuild_counted_big(data):
+    _BIG_REBUILDS[0] += 1
+    return CountedBig(data)
+
+
+def counted_big_rebuilds():
+    return _BIG_REBUILDS[0]
+
+
+BIG_GLOBAL = CountedBig(bytes(1 << 18))  # a global of the by-value functions of test_a_large_global_*
+
+BYVALUE_LOCK = threading.Lock()  # a global that can't be pickled; lambdas below use `x.BYVALUE_LOCK` only
+
+BYVALUE_INIT_MODEL = None  # set in workers by the by-value worker_init of test_by_value_worker_init_*
+
+
+def make_by_value_init(tag):
+    def init():  # nested: it travels by value, and writes a global of that namespace
+        global BYVALUE_INIT_MODEL
+        BYVALUE_INIT_MODEL = (tag, os.getpid())
+    return init
+
+
+# ---------------------------------------------------------------------------------------------
+# What a notebook cell, a `python -c` script and a `python -` script all run
+#
+# The same source is exec'd in a file-less __main__ (the notebook imitation) and run as a real
+# script; run_all() drives it through the public API and returns what each check gave, each check
+# on its own, so one failure doesn't hide the others.
+# ---------------------------------------------------------------------------------------------
+
+# An interactive class, and functions that use it: also a cell of its own in the notebook tests.
+NOTEBOOK_CLASS_CELL = '''
+class Point:
+    def __init__(self, x):
+        self.x = x
+
+
+def make_point(x):
+    return Point(x)
+
+
+def get_x(p):
+    return p.x
+'''
+
+NOTEBOOK_CELL = '''
+import math
+import multiprocessing
+import os
+import sys
+import threading
+import types
+import xml.dom.minidom
+
+import mplite
+from mplite import Task, TaskChain, TaskManager
+
+SCALE = 10
+model = None
+tm = threading.Lock()  # a global holding a lock: `x.tm` below must not drag it along
+
+
+def fact(n):
+    return 1 if n <= 1 else n * fact(n - 1)
+
+
+def is_even(n):
+    return True if n == 0 else is_odd(n - 1)
+
+
+def is_odd(n):
+    return False if n == 0 else is_even(n - 1)
+
+
+def hyp(a, b=4, *, scale=1):
+    return scale * math.hypot(a, b)
+
+
+def tag(text):
+    return xml.dom.minidom.parseString(text).documentElement.tagName
+
+
+def make_adder(k):
+    def add(x):
+        return x + k + SCALE
+    return add
+
+
+def scaled(x):
+    return x * SCALE
+
+
+def init():
+    global model
+    model = {"w": 7, "pid": os.getpid()}
+
+
+def predict(x):
+    return model["w"] * x, model["pid"] == os.getpid()
+
+
+def then_fact(prev_task, result):  # a TaskChain's next step: runs in this process
+    return Task(fact, result)
+
+
+attr_user = lambda x: x.tm + SCALE
+
+
+def locked(x):
+    with tm:
+        return x
+
+
+''' + NOTEBOOK_CLASS_CELL + '''
+
+def attempt(call):
+    """call()'s value, or what it raised, in words."""
+    try:
+        return call()
+    except Exception as exc:
+        return "raised %s: %s" % (type(exc).__name__, exc)
+
+
+def run_all(method):
+    global SCALE
+    out = {}
+    lock = threading.Lock()
+    with TaskManager(2, context=method, worker_init=Task(init)) as pool:
+        pool.submit(Task(fact, 7))  # queued before the refusals below: it must survive them
+        out["lambda"] = attempt(lambda: pool.map(lambda x: x * 2, range(5)))
+        out["closure"] = attempt(lambda: pool.map(make_adder(5), [1, 2]))
+        out["recursive"] = attempt(lambda: pool.map(fact, [5, 10]))
+        out["mutual"] = attempt(lambda: pool.map(is_even, [10, 7]))
+        out["defaults"] = attempt(lambda: pool.execute(
+            [Task(hyp, 3), Task(hyp, 3, 4, scale=2), Task(hyp, 6, b=8)], progress=False))
+        out["module"] = attempt(lambda: pool.map(tag, ["<doc/>", "<a><b/></a>"]))
+        out["worker_init"] = attempt(lambda: pool.map(predict, [1, 2]))
+        out["chain"] = attempt(lambda: pool.execute([TaskChain(Task(lambda: 3), then_fact)], progress=False))
+        out["attribute"] = attempt(lambda: pool.map(attr_user, [types.SimpleNamespace(tm=1)]))
+        out["class"] = attempt(lambda: [getattr(p, "x", p) for p in pool.map(make_point, [1, 2])])
+        out["class_argument"] = attempt(lambda: pool.execute([Task(get_x, Point(3))], progress=False))
+        out["lock"] = attempt(lambda: pool.map(lambda x: lock, [1]))
+        out["global_lock"] = attempt(lambda: pool.submit(Task(locked, 1)))
+        out["queued"] = attempt(lambda: pool.take(timeout=60))
+        ids = {pool.submit(Task(lambda a, b=1, *, c=0: a - b + c, 10, b=3, c=100)): "keywords",
+               pool.submit(Task(fact, 4)): "fact"}
+        out["as_completed"] = attempt(lambda: sorted((ids[t.id], v) for t, v in pool.as_completed(timeout=60)))
+        pool.submit(Task(scaled, 2))
+        out["take"] = attempt(lambda: pool.take(timeout=60))
+        out["scale_before"] = attempt(lambda: pool.map(scaled, [1]))
+        SCALE = 20  # a global changed between calls: the next call sees the new value
+        out["scale_after"] = attempt(lambda: pool.map(scaled, [1]))
+        SCALE = 10
+    with mplite.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context(method), initializer=init) as ex:
+        out["executor_submit"] = attempt(lambda: [ex.submit(fact, 6).result(timeout=60),
+                                                  ex.submit(hyp, 3, scale=2).result(timeout=60)])
+        out["executor_map"] = attempt(lambda: list(ex.map(lambda a, b: a * b + SCALE, [1, 2], [3, 4], timeout=60)))
+        out["executor_closure"] = attempt(lambda: ex.submit(make_adder(1), 1).result(timeout=60))
+        out["executor_init"] = attempt(lambda: ex.submit(predict, 3).result(timeout=60))
+    return out
+'''
+
+NOTEBOOK_SCRIPT = NOTEBOOK_CELL + '''
+
+if __name__ == "__main__":
+    results = run_all(sys.argv[1])
+    results["children"] = len(multiprocessing.active_children())
+    print("RESULTS", repr(results), flush=True)
+'''
+
+NOTEBOOK_EXPECTED = {
+    "lambda": [0, 2, 4, 6, 8],
+    "closure": [16, 17],
+    "recursive": [120, 3628800],
+    "mutual": [True, False],
+    "defaults": [5.0, 10.0, 10.0],
+    "module": ["doc", "a"],
+    "worker_init": [(7, True), (14, True)],
+    "chain": [6],
+    "attribute": [11],
+    "queued": 5040,
+    "as_completed": [("fact", 24), ("keywords", 107)],
+    "take": 20,
+    "scale_before": [10],
+    "scale_after": [20],
+    "executor_submit": [720, 10.0],
+    "executor_map": [13, 18],
+    "executor_closure": 12,
+    "executor_init": (21, True),
+}
+
+
+def check_notebook_results(results, method):
+    """Compare run_all()'s results with what each check must give under `method`."""
+    results = dict(results)
+    bad = {}
+    # An interactive class: its instances can't be rebuilt in a spawned worker, so the call is
+    # refused, naming the task, the class and the cure. A forked worker has the class (it was
+    # defined before the pool started), and the call just works.
+    for label, task, want in (("class", "Task(f=make_point", [1, 2]), ("class_argument", "Task(f=get_x", [3])):
+        got = results.pop(label)
+        if method == "fork":
+            ok = got == want
+        else:
+            ok = (isinstance(got, str) and got.startswith("raised UnpicklableTaskError:")
+                  and task in got and "Point" in got and BYVALUE_CURE in got)
+        if not ok:
+            bad[label] = got
+    # What can't travel even by value: refused up front, naming the task and the culprit.
+    for label, needles in (("lock", ("Task(f=<lambda>", "closure variable 'lock'")),
+                           ("global_lock", ("Task(f=locked", "global 'tm'"))):
+        got = results.pop(label)
+        if not (isinstance(got, str) and got.startswith("raised UnpicklableTaskError:")
+                and all(n in got for n in needles)):
+            bad[label] = got
+    for label, want in NOTEBOOK_EXPECTED.items():
+        got = results.pop(label, "<missing>")
+        if got != want:
+            bad[label] = "got %r, want %r" % (got, want)
+    return bad, results
+
+
+# ---------------------------------------------------------------------------------------------
+# Test helpers
+# ---------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def notebook():
+    """A file-less __main__, as in a notebook or a REPL, for the duration: yields its namespace.
+
+    The functions and classes exec'd there have __module__ '__main__', and no worker can import
+    that module by name. The real __main__ comes back afterwards; the functions keep their globals."""
+    real = sys.modules["__main__"]
+    main = types.ModuleType("__main__")
+    sys.modules["__main__"] = main
+    try:
+        yield main.__dict__
+    finally:
+        sys.modules["__main__"] = real
+
+
+def run_cell(namespace, source):
+    exec(compile(textwrap.dedent(source), "<cell>", "exec"), namespace)
+
+
+def group_processes(pgrp):
+    """{pid: cmdline} of the live processes of a process group."""
+    return {pid: _cmdline(pid) for pid, (_, state, group) in _fault_proc_table(with_pgrp=True).items()
+            if group == pgrp and state not in ("Z", "X", "x")}
+
+
+def run_script_in_own_session(args, stdin=None, limit=120):
+    """Run a Python script in its own session; (exit code, stdout, stderr). Fails on a hang, and
+    unless every process of its session (workers, forkserver, resource tracker) is gone after it."""
+    env = dict(os.environ, PYTHONPATH=_FAULT_REPO)
+    with tempfile.TemporaryDirectory() as cwd:
+        proc = subprocess.Popen([sys.executable] + args, cwd=cwd, env=env, start_new_session=True,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            try:
+                out, err = proc.communicate(stdin.encode() if stdin is not None else None, timeout=limit)
+            except subprocess.TimeoutExpired:
+                pytest.fail("the script had not exited after %s s (hang)" % limit)
+            deadline = time.monotonic() + 15  # the singletons exit once their pipe from it closes
+            while group_processes(proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            left = group_processes(proc.pid)
+            assert not left, "processes of the script left behind: %s" % left
+        finally:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)  # whatever happened, leave nothing running
+            with contextlib.suppress(Exception):
+                proc.wait(10)
+    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+# ---------------------------------------------------------------------------------------------
+# Real scripts: python -c SRC and python - (source on stdin)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["-c", "stdin"], ids=["python-c", "python-stdin"])
+def test_script_runs_functions_defined_in_it(mode, method):
+    """Lambdas, closures, recursive and mutually recursive functions, defaults and keyword-only
+    defaults, a module imported by the script, map, execute, chains, submit/take, as_completed,
+    the executor, and a worker_init that sets `global model` for the tasks defined beside it."""
+    if mode == "-c":
+        code, out, err = run_script_in_own_session(["-c", NOTEBOOK_SCRIPT, method])
+    else:
+        code, out, err = run_script_in_own_session(["-", method], stdin=NOTEBOOK_SCRIPT)
+    assert code == 0, err[-5000:]
+    lines = [line for line in out.splitlines() if line.startswith("RESULTS ")]
+    assert len(lines) == 1, (out, err[-3000:])
+    results = ast.literal_eval(lines[0][len("RESULTS "):])
+    assert results.pop("children") == 0
+    bad, extra = check_notebook_results(results, method)
+    assert not bad, bad
+    assert not extra, extra
+    assert "AttributeError" not in out + err and "Traceback" not in err, err[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# A notebook: code exec'd in a file-less __main__, in this process
+# ---------------------------------------------------------------------------------------------
+
+def test_notebook_cell_runs_functions_defined_in_it(method):
+    with notebook() as ns:
+        run_cell(ns, NOTEBOOK_CELL)
+        results = bounded(lambda: ns["run_all"](method), 100)
+    bad, extra = check_notebook_results(results, method)
+    assert not bad, bad
+    assert not extra, extra
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_notebook_class_is_refused_up_front_and_queued_work_survives(pool, method, tmp_path):
+    gate = str(tmp_path / "gate")
+    pool.submit(Task(wait_for_file, gate, "queued"))
+    with notebook() as ns:
+        run_cell(ns, NOTEBOOK_CLASS_CELL)
+        point = ns["Point"](3)
+        refusals = []
+        with pytest.raises(mplite.UnpicklableTaskError) as info:  # the function's global is the class
+            pool.map(ns["make_point"], [1, 2])
+        refusals.append((info.value, "Task(f=make_point"))
+        with pytest.raises(mplite.UnpicklableTaskError) as info:  # an argument is an instance
+            pool.submit(Task(echo, point))
+        refusals.append((info.value, "Task(f=echo"))
+        with pytest.raises(mplite.UnpicklableTaskError) as info:
+            pool.execute([Task(ns["get_x"], point)], progress=False)
+        refusals.append((info.value, "Task(f=get_x"))
+        with pytest.raises(mplite.UnpicklableTaskError) as info:
+            pool.map(echo, [1, point])
+        refusals.append((info.value, "Task(f=echo"))
+        for exc, task in refusals:
+            message = str(exc)
+            assert task in message and "__main__.Point" in message and BYVALUE_CURE in message, message
+            assert "fork" in message, message  # the other cure, where fork is available
+        assert pool.open_tasks == 1
+        with mplite.ProcessPoolExecutor(1, mp_context=method) as ex:
+            future = ex.submit(echo, point)  # the executor's submit doesn't raise: its future does
+            with pytest.raises(mplite.UnpicklableTaskError) as info:
+                future.result(timeout=60)
+            assert "__main__.Point" in str(info.value) and BYVALUE_CURE in str(info.value)
+            assert ex.submit(ns["get_x"], types.SimpleNamespace(x=5)).result(timeout=60) == 5
+    open(gate, "w").close()
+    assert pool.take(timeout=60) == "queued"
+    assert pool.map(lambda x: x + 1, [1, 2]) == [2, 3]
+
+
+def test_fork_notebook_class_defined_before_the_pool_started_works():
+    with notebook() as ns:
+        run_cell(ns, NOTEBOOK_CLASS_CELL)
+        with TaskManager(2, context="fork") as tm:
+            points = tm.map(ns["make_point"], [1, 2])
+            assert [type(p) for p in points] == [ns["Point"]] * 2, points
+            assert [p.x for p in points] == [1, 2]
+            assert tm.map(ns["get_x"], [ns["Point"](3)]) == [3]
+
+
+def test_fork_notebook_class_defined_after_the_pool_started_is_no_attribute_error():
+    """The worker was forked before the class existed: it can't find it by name. Either the class
+    travels some other way, or the task is refused (or fails) with the cure; never an
+    AttributeError about __main__ (the issue's "never a result that is an AttributeError")."""
+    with notebook() as ns:
+        with TaskManager(2, context="fork") as tm:
+            run_cell(ns, NOTEBOOK_CLASS_CELL)  # typed after the pool started
+            for call in (lambda: tm.map(ns["make_point"], [1]), lambda: tm.map(ns["get_x"], [ns["Point"](4)])):
+                try:
+                    results = bounded(call, 60)
+                except mplite.UnpicklableTaskError as exc:
+                    assert "__main__.Point" in str(exc) and BYVALUE_CURE in str(exc), str(exc)
+                    continue
+                for r in results:
+                    if isinstance(r, str):  # str mode: a failed task's result is its traceback text
+                        assert "AttributeError" not in r and BYVALUE_CURE in r, r
+                    else:
+                        assert r == 4 or r.x == 1, r
+
+
+# ---------------------------------------------------------------------------------------------
+# What can't travel even by value
+# ---------------------------------------------------------------------------------------------
+
+def test_lambda_closing_over_a_lock_is_refused_naming_task_and_variable(pool, tmp_path):
+    gate = str(tmp_path / "gate")
+    pool.submit(Task(wait_for_file, gate, "queued"))
+    lock = threading.Lock()
+    with pytest.raises(mplite.UnpicklableTaskError) as info:
+        pool.map(lambda x: lock, [1, 2])
+    message = str(info.value)
+    assert "Task(f=<lambda>" in message and "closure variable 'lock'" in message, message
+    with pytest.raises(mplite.UnpicklableTaskError) as info:
+        pool.submit(Task(lambda: lock.locked()))
+    assert "Task(f=<lambda>" in str(info.value) and "closure variable 'lock'" in str(info.value)
+
+    def uses_global_lock():
+        return BYVALUE_LOCK.locked()
+
+    with pytest.raises(mplite.UnpicklableTaskError) as info:
+        pool.execute([Task(uses_global_lock)], progress=False)
+    assert "Task(f=uses_global_lock" in str(info.value) and "global 'BYVALUE_LOCK'" in str(info.value)
+    assert pool.open_tasks == 1
+    open(gate, "w").close()
+    assert pool.take(timeout=60) == "queued"
+    assert pool.map(lambda x: x * 3, [1, 2]) == [3, 6]
+
+
+def test_notebook_function_using_a_global_lock_is_refused_naming_the_global(pool):
+    with notebook() as ns:
+        run_cell(ns, """
+            import threading
+            tm = threading.Lock()
+            def locked(x):
+                with tm:
+                    return x
+        """)
+        with pytest.raises(mplite.UnpicklableTaskError) as info:
+            pool.map(ns["locked"], [1])
+    message = str(info.value)
+    assert "Task(f=locked" in message and "global 'tm'" in message and "lock" in message, message
+
+
+def test_executor_lambda_closing_over_a_lock_fails_its_future_only():
+    lock = threading.Lock()
+    with mplite.ProcessPoolExecutor(1) as ex:
+        bad = ex.submit(lambda: lock)
+        good = ex.submit(lambda: 42)
+        with pytest.raises(mplite.UnpicklableTaskError) as info:
+            bad.result(timeout=60)
+        assert "closure variable 'lock'" in str(info.value)
+        assert good.result(timeout=60) == 42
+
+
+# ---------------------------------------------------------------------------------------------
+# By name where possible, by value where needed: checked by what the worker receives
+# ---------------------------------------------------------------------------------------------
+
+def test_module_level_function_still_goes_by_name(pool):
+    assert pool.execute([Task(probe_globals)], progress=False) == [("test_mplite", True)]
+    assert pool.execute([Task(received_by_name, probe_globals)], progress=False) == [True]
+    assert pool.map(received_by_name, [echo, received_by_name]) == [True, True]
+
+
+def test_lambdas_and_local_functions_go_by_value(pool):
+    def local():
+        return 1
+
+    # A function rebuilt from its value is not the module's own object; as its module can be
+    # imported by the worker, it runs with that module's globals, as the module's functions do.
+    assert pool.map(received_by_name, [lambda: 0, local]) == [False, False]
+    module_globals = lambda _: globals() is getattr(sys.modules.get(__name__), "__dict__", None)
+    assert pool.map(module_globals, [0]) == [True]
+    assert pool.execute([Task(call_in_worker, module_globals, 0)], progress=False) == [True]
+
+
+def test_attribute_names_do_not_drag_globals_along(pool):
+    """BYVALUE_LOCK (module) and tm (notebook) are globals holding locks; the code uses only
+    attributes of those names, so the functions travel without them."""
+    x = types.SimpleNamespace(BYVALUE_LOCK=2, tm=5)
+    assert pool.map(lambda v: v.BYVALUE_LOCK * 10, [x]) == [20]
+    assert pool.map(lambda vs: [v.BYVALUE_LOCK for v in vs], [[x, x]]) == [[2, 2]]  # nested code too
+
+    def setter(v):
+        v.BYVALUE_LOCK = 7
+        return v.BYVALUE_LOCK
+
+    assert pool.map(setter, [x]) == [7]
+    with notebook() as ns:
+        run_cell(ns, """
+            import threading
+            tm = threading.Lock()
+            ONE = 1
+            get_tm = lambda x: x.tm + ONE
+            def set_tm(x):
+                x.tm = ONE
+                return x.tm
+        """)
+        assert pool.map(ns["get_tm"], [x]) == [6]
+        assert pool.map(ns["set_tm"], [x]) == [1]
+
+
+def test_by_value_worker_init_sets_a_global_seen_by_by_value_tasks(method):
+    """A worker_init sent by value writes `global BYVALUE_INIT_MODEL`; lambdas of the same module (sent
+    by value too, to the same namespace in the worker) see the worker's value, not the parent's
+    stale None."""
+    with TaskManager(2, context=method, worker_init=Task(make_by_value_init("ready"))) as tm:
+        results = tm.map(lambda _: (BYVALUE_INIT_MODEL, os.getpid()), range(8))
+    for (tag_pid, pid) in results:
+        assert tag_pid == ("ready", pid), results
+
+
+def test_a_large_global_is_sent_once_per_worker_within_a_call(method):
+    """BIG_GLOBAL (256 KiB) is a global of the task function; each worker unpickles it once per call,
+    not with every message, though each call sends many (a task of 2 ms travels alone or in
+    pairs); a later call brings it at most once more, and brings a new value when there is one."""
+    global BIG_GLOBAL
+    task = lambda x: (time.sleep(0.002), os.getpid(), counted_big_rebuilds(), len(BIG_GLOBAL))[1:]
+    original = BIG_GLOBAL
+    with TaskManager(2, context=method) as tm:
+        try:
+            results = tm.map(task, range(300))
+            seen = {}
+            for pid, rebuilt, size in results:
+                seen.setdefault(pid, set()).add(rebuilt)
+                assert size == len(original)
+            assert all(counts == {1} for counts in seen.values()), seen
+            assert max(Counter(pid for pid, _, _ in results).values()) > 10  # many messages per worker
+            results = tm.map(task, range(100))
+            later = {}
+            for pid, rebuilt, size in results:
+                later.setdefault(pid, set()).add(rebuilt)
+            assert all(len(counts) == 1 and counts <= {1, 2} for counts in later.values()), later
+            BIG_GLOBAL = CountedBig(bytes(100))  # a new value: the next call brings it
+            assert {size for _, _, size in tm.map(task, range(20))} == {100}
+        finally:
+            BIG_GLOBAL = original
 
 
 # ---------------------------------------------------------------------------------------------
