@@ -714,11 +714,12 @@ def _worker_main(conn, journal, lifeline, lifeline_end, init):
     (multiprocessing would pickle it by name only: see _pickle), or None.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which then stops us
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked since its birth: see _spawn
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked since its birth: see _spawn
     lifeline_end.close()  # a forked worker inherits the parent's end: ours would hide its death
     threading.Thread(target=_exit_when_closed, args=(lifeline,), daemon=True).start()
-    fd = conn.fileno()
-    out = _Outbox(fd, journal)
+    link = _Link(conn)
+    out = _Outbox(link, journal)
     try:
         if init is not None:
             try:
@@ -728,14 +729,14 @@ def _worker_main(conn, journal, lifeline, lifeline_end, init):
                 return out.post(_INIT_FAILED, _describe(exc)[0])
             _note_assigned(f)
         out.post(_READY, os.getpid())
-        _serve_messages(fd, out)
+        _serve_messages(link, out)
     except OSError:  # the parent is gone: nobody to tell
         pass
 
 
-def _serve_messages(fd, out):
+def _serve_messages(link, out):
     while True:
-        message = _receive_frame(fd)
+        message = _receive_frame(link)
         if not message:  # asked to exit, or the parent is gone
             return
         out.note_received()
@@ -756,9 +757,9 @@ class _Outbox:
     is, then the answers, each pickled on its own. A flush sends them in one write, then empties it.
     """
 
-    def __init__(self, fd, journal):
+    def __init__(self, link, journal):
         mem = memoryview(journal.buffer)
-        self.fd = fd
+        self.link = link
         self.number = 0  # of the journal's first answer: answers sent so far
         self.messages = 0  # read from the parent
         self.head = mem[:_ENDS_AT]
@@ -818,7 +819,7 @@ class _Outbox:
     def flush(self, count, end, plain, spent=-1.0):
         if count or spent >= 0:
             size = _ANSWERS.size + 8 * count + end
-            _write_parts(self.fd, [_U64.pack(size) + _ANSWERS.pack(count, plain, spent),
+            self.link.write([_U64.pack(size) + _ANSWERS.pack(count, plain, spent),
                                    self.ends[:8 * count], self.data[:end]])
             self.ends[:8 * count] = bytes(8 * count)  # empty the journal first, then renumber it
             self.number += count
@@ -826,7 +827,7 @@ class _Outbox:
 
     def send_alone(self, kind, blob):
         size = _ANSWERS.size + 8 + len(blob)
-        _write_parts(self.fd, [_U64.pack(size) + _ANSWERS.pack(1, kind == _DONE, -1.0),
+        self.link.write([_U64.pack(size) + _ANSWERS.pack(1, kind == _DONE, -1.0),
                                _U64.pack(len(blob) << 3 | kind), blob])
         self.number += 1
         _U64.pack_into(self.head, 0, self.number)
@@ -846,17 +847,6 @@ def _journal_answers(journal):
         start = stop
 
 
-def _write_parts(fd, parts):
-    """Write byte buffers to fd as one message: one system call, unless the message is large."""
-    written = os.writev(fd, parts)
-    for part in parts:
-        if written >= len(part):
-            written -= len(part)
-        else:
-            _write_all(fd, memoryview(part)[written:])
-            written = 0
-
-
 def _exit_when_closed(lifeline):
     """Worker thread: the parent holds the only other end, so EOF here means it has died."""
     try:
@@ -866,35 +856,116 @@ def _exit_when_closed(lifeline):
         os._exit(1)
 
 
-def _send_frame(fd, body):
-    if len(body) < _BIG_FRAME:
-        _write_all(fd, _U64.pack(len(body)) + body)
-    else:  # don't copy a large body just to put a header in front
-        _write_all(fd, _U64.pack(len(body)))
-        _write_all(fd, body)
-
-
-def _write_all(fd, data):
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _receive_frame(fd):
+def _receive_frame(link):
     """A worker's blocking read of one message; None at EOF."""
-    header = _read_exactly(fd, _U64.size)
-    return header and _read_exactly(fd, _U64.unpack(header)[0])
+    header = _read_exactly(link, _U64.size)
+    return header and _read_exactly(link, _U64.unpack(header)[0])
 
 
-def _read_exactly(fd, n):
+def _read_exactly(link, n):
     buf = bytearray(n)
     view = memoryview(buf)
     while view:
-        got = os.readv(fd, [view])
+        got = link.read_into(view)
         if not got:
             return None
         view = view[got:]
     return buf
+
+
+# Pipes, both ways, carry a stream of frames: each a length (_U64) and its bytes. A link moves
+# those bytes over one end of a Pipe. On POSIX it reads and writes the socket's descriptor
+# itself: one system call a message, no copies. The portable link (Windows, where a Pipe is a
+# named pipe, or wherever MPLITE_PORTABLE=1) uses only the Connection's own send_bytes and
+# recv_bytes; each write is one Connection message.
+
+class _FdLink:
+    """One end of a socket-pair Pipe, read and written through its descriptor (POSIX)."""
+    buffered = False  # never: a read takes only what the socket has
+
+    def __init__(self, conn):
+        self.fd = self.waitable = conn.fileno()
+
+    def write(self, parts):
+        """Write byte buffers as one message: one system call, unless the message is large."""
+        written = os.writev(self.fd, parts)
+        for part in parts:
+            if written >= len(part):
+                written -= len(part)
+                continue
+            view = memoryview(part)[written:]
+            while view:
+                view = view[os.write(self.fd, view):]
+            written = 0
+
+    def read_into(self, view):
+        """Read what has arrived, as much as fits (blocks until something has); 0 at EOF."""
+        return os.readv(self.fd, [view])
+
+    def room(self):
+        """Bytes the socket takes without blocking the writer (macOS's buffers are small)."""
+        with socket.socket(fileno=os.dup(self.fd)) as sock:
+            return min(sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
+                       sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+
+
+class _ConnLink:
+    """One end of a Pipe, through its Connection's messages only: runs on every system."""
+
+    def __init__(self, conn):
+        self.conn = self.waitable = conn
+        self.rest = memoryview(b"")  # what a read has taken from the pipe and not handed on yet
+
+    @property
+    def buffered(self):
+        return bool(self.rest)
+
+    def write(self, parts):
+        self.conn.send_bytes(b"".join(parts))
+
+    def read_into(self, view):
+        if not self.rest:
+            try:
+                self.rest = memoryview(self.conn.recv_bytes())
+            except EOFError:
+                return 0
+        n = min(len(view), len(self.rest))
+        view[:n] = self.rest[:n]
+        self.rest = self.rest[n:]
+        return n
+
+    def room(self):
+        return 8192  # a Windows named pipe's buffer, as multiprocessing makes it
+
+
+class _WaitSelector:
+    """What the engine uses of selectors' interface, over multiprocessing.connection.wait(),
+    which waits on Connections and sockets on every system (selectors can't, on Windows)."""
+
+    def __init__(self):
+        self.keys = {}
+
+    def register(self, obj, events, data):
+        self.keys[obj] = selectors.SelectorKey(obj, None, events, data)
+
+    def unregister(self, obj):
+        del self.keys[obj]
+
+    def select(self, timeout=None):
+        return [(self.keys[obj], selectors.EVENT_READ) for obj in wait(list(self.keys), timeout)]
+
+    def close(self):
+        self.keys.clear()
+
+
+# The switch between the two paths: the portable one on Windows, or when asked for (CI runs the
+# suite both ways on Linux). The portable engine watches each worker's pipe alone, and takes its
+# end (EOF) as the worker's death: a Windows process has one handle per pipe or process to wait
+# on, and wait() takes at most 63 of them.
+_PORTABLE = sys.platform == "win32" or os.environ.get("MPLITE_PORTABLE") == "1"
+_Link = _ConnLink if _PORTABLE else _FdLink
+_Selector = _WaitSelector if _PORTABLE else selectors.DefaultSelector
+_MAX_WORKERS = 61 if sys.platform == "win32" else None  # the wake-up socket and 61 pipes: 62 handles
 
 
 class _Job:
@@ -917,13 +988,10 @@ class _Worker:
 
     def __init__(self, process, conn, journal, max_tasks):
         self.process = process
-        self.sentinel = _exit_fd(process)
+        self.sentinel = process.sentinel if _PORTABLE else _exit_fd(process)  # see _PORTABLE
         self.conn = conn
-        self.fd = conn.fileno()
-        with socket.socket(fileno=os.dup(self.fd)) as sock:  # buffers differ: macOS's are small
-            room = min(sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
-                       sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
-        self.prefetch_bytes = min(_PREFETCH_BYTES, room // 2)
+        self.link = _Link(conn)
+        self.prefetch_bytes = min(_PREFETCH_BYTES, self.link.room() // 2)
         self.journal = journal  # shared memory: frames it wrote and may not have sent
         self.jobs = deque()     # sent, not yet answered, in running order: jobs[0].start runs first
         self.msgs = deque()     # how many of those tasks each message in flight still holds
@@ -944,7 +1012,7 @@ class _Worker:
         self._have = 0
 
     def send(self, body):
-        _send_frame(self.fd, body)
+        self.link.write([_U64.pack(len(body)), body])
 
     def close(self):
         self.conn.close()
@@ -954,7 +1022,7 @@ class _Worker:
     def receive(self):
         """Read what the worker has sent (one read, which won't block); return whole frames."""
         if self._big is not None:
-            got = os.readv(self.fd, [memoryview(self._big)[self._have:]])
+            got = self.link.read_into(memoryview(self._big)[self._have:])
             if not got:
                 raise EOFError
             self._have += got
@@ -962,7 +1030,7 @@ class _Worker:
                 return ()
             frame, self._big = self._big, None
             return (frame,)
-        got = os.readv(self.fd, [self._read_into])
+        got = self.link.read_into(self._read_into)
         if not got:
             raise EOFError
         data = self._read_into[:got]
@@ -1166,10 +1234,14 @@ class _Answers:
             frames = w.receive()
         except (EOFError, OSError):
             w.eof = True
-            self._selector.unregister(w.fd)
+            self._selector.unregister(w.link.waitable)
+            if _PORTABLE:  # its pipe closed: it has ended (see _PORTABLE)
+                self._reap(w, now)
             return
         for frame in frames:
             self._take(w, frame, now)
+        if w.link.buffered:  # a portable link read a message larger than the read buffer
+            self._read(w, now)
 
     def _take(self, w, frame, now):
         """Deliver the answers in one of a worker's frames: the hot path, a few C calls per frame."""
@@ -1280,36 +1352,34 @@ class _Faults:
         journal = Arena(_JOURNAL_SIZE)
         process = self.ctx.Process(target=_worker_main, name="mplite-worker",
                                    args=(child_conn, journal, self._lifeline, self._lifeline_end, self._init))
-        if not self.fork:
+        if not self.fork and os.name == "posix":
             # Started by the first spawn, multiprocessing's resource tracker unblocks SIGINT
             # when it is done: let it start now, not inside the window below.
             resource_tracker.ensure_running()
-        # A blocked SIGINT is inherited: the worker stays deaf to Ctrl-C until it ignores it,
-        # so no worker prints a KeyboardInterrupt.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
-            with _main_path_hidden(self.fork):
+            with _sigint_blocked(), _main_path_hidden(self.fork):
                 process.start()
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             child_conn.close()
         w = _Worker(process, conn, journal, self.max_tasks)
         self.workers.append(w)
-        self._selector.register(w.sentinel, selectors.EVENT_READ, w)
-        self._selector.register(w.fd, selectors.EVENT_READ, w)
+        if not _PORTABLE:
+            self._selector.register(w.sentinel, selectors.EVENT_READ, w)
+        self._selector.register(w.link.waitable, selectors.EVENT_READ, w)
 
     def _reap(self, w, now):
         """A worker process has ended: collect what it sent, charge its running task, replace it."""
-        while not w.eof and wait([w.fd], 0):
+        while not w.eof and wait([w.link.waitable], 0):
             self._read(w, now)
         w.process.join()
         for number, kind, blob in _journal_answers(w.journal):
             if number >= w.received:  # finished and written down, never sent
                 w.received += 1
                 self._take_one(w, kind, blob, now)
-        self._selector.unregister(w.sentinel)
+        if not _PORTABLE:
+            self._selector.unregister(w.sentinel)
         if not w.eof:
-            self._selector.unregister(w.fd)
+            self._selector.unregister(w.link.waitable)
         w.close()
         self.workers.remove(w)
         self._missing += 1
@@ -1391,6 +1461,8 @@ class _Pool(_Scheduling, _Answers, _Faults):
     """
 
     def __init__(self, ctx, size, init, max_tasks, init_label, drain_at_exit=False):
+        if _MAX_WORKERS is not None and size > _MAX_WORKERS:
+            raise ValueError(f"at most {_MAX_WORKERS} workers on this system, not {size}")
         self.ctx = ctx
         self.size = size
         self.init = init
@@ -1414,7 +1486,7 @@ class _Pool(_Scheduling, _Answers, _Faults):
         self.pending = deque()   # jobs waiting for a worker
         self.parked = None       # (jobs, count, message): too large to prefetch, waits for an idle worker
         self.avg = None          # smoothed seconds per task, as the workers measure it
-        self._selector = selectors.DefaultSelector()  # what the engine sleeps on: see _turn
+        self._selector = _Selector()  # what the engine sleeps on: see _turn
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._missing = 0        # workers to start: replacements of those that ended
         self._arrivals = 0       # jobs handed over so far: see _Worker.holds
@@ -1629,6 +1701,20 @@ def _main_path_hidden(fork):
         yield
     finally:
         main.__file__ = path
+
+
+@contextlib.contextmanager
+def _sigint_blocked():
+    """A blocked SIGINT is inherited: a worker started meanwhile stays deaf to Ctrl-C until it
+    ignores it, so no worker prints a KeyboardInterrupt. (Windows has no signal masks.)"""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _exit_fd(process):
@@ -2114,7 +2200,7 @@ def _context(context):
 def _usable_cpus():
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    return min(os.cpu_count() or 1, _MAX_WORKERS or 1 << 20)
 
 
 def _positive_int(value, name):
