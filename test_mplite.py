@@ -420,6 +420,39 @@ def test_version_and_all():
                               "WorkerDiedError"]
 
 
+PORTABLE_PROBE = """
+import os, sys, mplite
+from mplite import Task, TaskManager
+
+def die():
+    os._exit(3)
+
+if __name__ == "__main__":
+    with TaskManager(2) as tm:
+        results = tm.execute([Task(abs, -1), Task(die), Task(abs, -2)], progress=False)
+        print(mplite._PORTABLE, mplite._Link.__name__)
+        print(results[0], results[2], results[1].splitlines()[-1])
+        with mplite.ProcessPoolExecutor(2) as ex:
+            print(sum(ex.map(abs, range(-5, 0))))
+"""
+
+
+@pytest.mark.parametrize("portable", ["1", ""])
+def test_mplite_portable_selects_the_path_windows_runs(portable, tmp_path):
+    # The default run of this suite exercises the portable path at least this much; .ci/run runs
+    # the pool and fault tests again with MPLITE_PORTABLE=1.
+    script = tmp_path / "probe.py"
+    script.write_text(PORTABLE_PROBE)
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(mplite.__file__)), MPLITE_PORTABLE=portable)
+    proc = subprocess.run([sys.executable, str(script)], cwd=str(tmp_path), env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=110)
+    out = proc.stdout.decode(errors="replace").splitlines()
+    assert proc.returncode == 0, out
+    assert out[0] == ("True _ConnLink" if portable else "False _FdLink"), out
+    assert out[1].startswith("1 2 ChildProcessError: the worker process") and "exited with code 3" in out[1], out
+    assert out[2] == "15", out
+
+
 def test_source_is_stdlib_only_and_parses_as_python_3_8():
     with open(mplite.__file__, encoding="utf-8") as fh:
         src = fh.read()
@@ -4256,8 +4289,9 @@ def _fault_fork_then_die(path):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs os.pidfd_open (Python 3.9+ on Linux); "
-                    "without it the worker's death is seen only when its child ends")
+@pytest.mark.skipif(not hasattr(os, "pidfd_open") or mplite._PORTABLE,
+                    reason="needs os.pidfd_open (Python 3.9+ on Linux) and the POSIX path; without "
+                    "them the worker's death is seen only when its child ends (README: Platforms)")
 @pytest.mark.parametrize("fault_method", _FAULT_METHODS + ["forkserver"])
 def test_fault_worker_death_seen_while_its_forked_child_lives(fault_method, tmp_path):
     # The worker's own child inherits its end of the sentinel pipe: the death must be seen anyway.
