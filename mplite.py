@@ -41,6 +41,7 @@ import io
 import itertools
 import linecache
 import marshal
+import multiprocessing.process
 import os
 import pickle
 import reprlib
@@ -59,7 +60,7 @@ from concurrent import futures
 from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 from itertools import repeat
 from math import ceil
-from multiprocessing import get_context, get_all_start_methods, resource_tracker
+from multiprocessing import forkserver, get_context, get_all_start_methods, resource_tracker
 from multiprocessing.connection import wait
 from multiprocessing.context import BaseContext
 from multiprocessing.heap import Arena
@@ -416,8 +417,11 @@ class ProcessPoolExecutor(futures.Executor):
         stop. wait: return only once that is done."""
         with self._shutdown_lock:
             self._shutdown = True
-        if cancel_futures:
-            self._pool.command(self._pool.cancel_waiting_futures)
+        if cancel_futures and not self._pool.closed:
+            try:
+                self._pool.command(self._pool.cancel_waiting_futures)
+            except RuntimeError:  # it closed meanwhile (BrokenProcessPool is one): nothing waits
+                pass
         self._pool.close(1.0, drain=True, wait=wait)
 
     def __exit__(self, exc_type, exc_val, exc_tb):
@@ -458,6 +462,9 @@ class WorkerDiedError(ChildProcessError, BrokenProcessPool):
 # ---------------------------------------------------------------------------------------------
 
 _TIMED_OUT = object()
+# What user code can raise while its task is pickled, unpickled or chained, to fail that task
+# alone (SystemExit too: a __reduce__ that calls sys.exit() must not stop mplite's engine).
+_TASK_ERRORS = (Exception, SystemExit)
 _REDRAW_SECONDS = 0.1  # how often a waiting execute() redraws its progress bar
 
 
@@ -727,7 +734,6 @@ def _worker_main(conn, journal, lifeline, lifeline_end, init):
                 f(*args, **kwargs)  # called here: its traceback starts at init
             except BaseException as exc:
                 return out.post(_INIT_FAILED, _describe(exc)[0])
-            _note_assigned(f)
         out.post(_READY, os.getpid())
         _serve_messages(link, out)
     except OSError:  # the parent is gone: nobody to tell
@@ -1181,7 +1187,7 @@ class _Scheduling:
                 entries.extend([_entry(t) for t in job.owner.items[job.start:job.stop]])
         try:
             return _pickle((each, entries), self.forked_main, holds)
-        except Exception:
+        except _TASK_ERRORS:
             pass
         # Some task can't travel: pickle them one by one, fail that one, send the others.
         singles = []
@@ -1256,7 +1262,7 @@ class _Answers:
         if plain:  # all are results: unpickle them with no Python loop
             try:
                 values = list(map(pickle.loads, map(memoryview(frame).__getitem__, map(slice, starts, stops))))
-            except Exception:
+            except _TASK_ERRORS:
                 pass  # one of them can't be unpickled here: go one by one, below
             else:
                 return self._deliver(w, values, now)
@@ -1284,7 +1290,7 @@ class _Answers:
     def _take_one(self, w, kind, blob, now):
         try:
             value = pickle.loads(blob)
-        except Exception as exc:  # a result the parent can't unpickle: an error of that task
+        except _TASK_ERRORS as exc:  # a result the parent can't unpickle: an error of that task
             job = w.jobs[0]
             task = _entry_task(job.owner.items[job.start])
             value = _describe(TypeError(f"the result of {_short(task)} can't be unpickled here: {exc}"))
@@ -1330,7 +1336,7 @@ class _Answers:
         if ok and isinstance(item, TaskChain):
             try:
                 step = _next_step(item, value)
-            except Exception as exc:
+            except _TASK_ERRORS as exc:
                 ok, value = False, _Failure(*_describe(exc))
             else:
                 if step is not None:  # the chain goes on, ahead of the queue
@@ -1354,13 +1360,19 @@ class _Faults:
                                    args=(child_conn, journal, self._lifeline, self._lifeline_end, self._init))
         if not self.fork and os.name == "posix":
             # Started by the first spawn, multiprocessing's resource tracker unblocks SIGINT
-            # when it is done: let it start now, not inside the window below.
+            # when it is done, and a forkserver would keep it blocked for all its children:
+            # let them start now, outside the window below.
             resource_tracker.ensure_running()
+            if self.ctx.get_start_method() == "forkserver":
+                forkserver.ensure_running()
         try:
-            with _sigint_blocked(), _main_path_hidden(self.fork):
+            with _sigint_blocked(), _main_path_for_workers(self.fork):
                 process.start()
         finally:
             child_conn.close()
+        # multiprocessing reaps the children it knows of whenever any thread starts a process or
+        # asks for active_children(); a worker reaped there would leave us no exit code.
+        multiprocessing.process._children.discard(process)
         w = _Worker(process, conn, journal, self.max_tasks)
         self.workers.append(w)
         if not _PORTABLE:
@@ -1411,7 +1423,7 @@ class _Faults:
             # It died while starting. Killed from outside: start another, within reason.
             # Exited by itself: it will again (say, the main module fails to import).
             self._boot_deaths += 1
-            if code is None or code >= 0 or self._boot_deaths > _BOOT_DEATHS:
+            if (code is not None and code >= 0) or self._boot_deaths > _BOOT_DEATHS:
                 raise BrokenProcessPool(f"a worker process {_exit_reason(code)} before it was "
                                         f"ready; see its output above")
 
@@ -1478,16 +1490,11 @@ class _Pool(_Scheduling, _Answers, _Faults):
         self._requests = deque()  # jobs and commands, for the engine thread
         self._closing = None      # (grace, drain) once close() was asked for
         self._asleep = False      # the engine is (about to be) waiting: wake it for a request
-        self._wake_r, self._wake_w = socket.socketpair()
-        for s in (self._wake_r, self._wake_w):
-            s.setblocking(False)
         # The engine thread's own:
         self.workers = []
         self.pending = deque()   # jobs waiting for a worker
         self.parked = None       # (jobs, count, message): too large to prefetch, waits for an idle worker
         self.avg = None          # smoothed seconds per task, as the workers measure it
-        self._selector = _Selector()  # what the engine sleeps on: see _turn
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._missing = 0        # workers to start: replacements of those that ended
         self._arrivals = 0       # jobs handed over so far: see _Worker.holds
         self.fork = ctx.get_start_method() == "fork"
@@ -1506,6 +1513,7 @@ class _Pool(_Scheduling, _Answers, _Faults):
         """
         self.pid = os.getpid()
         _live_pools.add(self)
+        _main_file()  # remember it while the script runs
         if self.fork:
             main = vars(sys.modules["__main__"])
             self.forked_main = weakref.WeakValueDictionary({k: v for k, v in main.items() if isinstance(v, type)})
@@ -1519,6 +1527,11 @@ class _Pool(_Scheduling, _Answers, _Faults):
                     raise
                 self._init = (init.f, init.args, init.kwargs)  # a forked worker inherits it
         self._lifeline, self._lifeline_end = self.ctx.Pipe(duplex=False)
+        self._wake_r, self._wake_w = socket.socketpair()
+        for end in (self._wake_r, self._wake_w):
+            end.setblocking(False)
+        self._selector = _Selector()  # what the engine sleeps on: see _turn
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         try:
             for _ in range(self.size):
                 self._spawn()
@@ -1686,21 +1699,28 @@ def _pop_head(jobs):
 
 
 @contextlib.contextmanager
-def _main_path_hidden(fork):
-    """Start a worker without telling it to run a __main__ that is no file. spawn (and a
-    forkserver, which starts inside the first Process.start()) run the parent's main script
-    again in the worker, from __main__.__file__; `python -` sets that to '<stdin>', and the
-    worker would fail to start. Functions from such a __main__ travel by value anyway."""
-    main = sys.modules["__main__"]
-    path = getattr(main, "__file__", None)
-    if fork or path is None or _is_file(path):
+def _main_path_for_workers(fork):
+    """Start a worker that runs the main script again only if there is one. spawn (and a
+    forkserver, which starts inside the first Process.start()) run it in the worker from
+    __main__.__file__: `python -` sets that to '<stdin>', and the worker would fail to start
+    (functions from such a __main__ travel by value anyway); and once the script is done,
+    Python deletes it, while an executor may still start workers to finish its work."""
+    main = vars(sys.modules["__main__"])
+    had, want = main.get("__file__", _MISSING), _main_file()
+    if fork or had == want or (had is _MISSING and want is None):
         yield
         return
-    del main.__file__
+    if want is None:
+        del main["__file__"]
+    else:
+        main["__file__"] = want
     try:
         yield
     finally:
-        main.__file__ = path
+        if had is _MISSING:
+            main.pop("__file__", None)
+        else:
+            main["__file__"] = had
 
 
 @contextlib.contextmanager
@@ -1792,12 +1812,12 @@ def _pickle(obj, forked_main=None, sent=None):
         try:
             ForkingPickler(out, pickle.HIGHEST_PROTOCOL).dump(obj)
             return out.getvalue()
-        except Exception:
+        except _TASK_ERRORS:
             out = io.BytesIO()
     pickler = _ByValuePickler(out, forked_main, sent)
     try:
         pickler.dump(obj)
-    except Exception as exc:
+    except _TASK_ERRORS as exc:
         why = _culprit(pickler.by_value, forked_main)
         if why is None:
             raise
@@ -1816,11 +1836,22 @@ def _importable(name, module):
         return spec is not None or hasattr(module, "__file__")  # else made at run time
     if spec is not None:
         return not spec.name.endswith("__main__")
-    path = getattr(module, "__file__", None)
-    return bool(path) and _is_file(path) and os.path.basename(path) != "ipython"
+    path = _main_file()
+    return path is not None and os.path.basename(path) != "ipython"
 
 
 _is_file = functools.lru_cache(maxsize=8)(os.path.isfile)  # one stat per script, not per batch
+_main_script = {}  # id of a __main__ module -> (that module, its file): see _main_file
+
+
+def _main_file():
+    """The main script's path, if it is a file. Remembered: Python deletes __main__.__file__
+    once the script is done, and an executor still sends the work it was given after that."""
+    main = sys.modules["__main__"]
+    path = getattr(main, "__file__", None)
+    if path is not None:
+        _main_script[id(main)] = (main, path if _is_file(path) else None)
+    return _main_script.get(id(main), (None, None))[1]
 
 
 def _by_name(obj):
@@ -1929,7 +1960,7 @@ class _ByValuePickler(ForkingPickler):
         g = f.__globals__
         module = sys.modules.get(f.__module__)
         shared = module is not None and module.__dict__ is g and _importable(f.__module__, module)
-        namespace = (f.__module__, os.getpid(), id(g), shared)  # one per source namespace: see _namespace
+        namespace = (f.__module__, os.getpid(), _namespace_number(g), shared)  # see _namespace
         values, modules = {}, []
         for name in names:
             value = g.get(name, _MISSING)  # missing: a builtin, or not defined yet
@@ -1971,7 +2002,7 @@ def _culprit(functions, forked_main):
                 continue  # a by-value function: looked at on its own
             try:
                 _ByValuePickler(io.BytesIO(), forked_main).dump(value)
-            except Exception as exc:
+            except _TASK_ERRORS as exc:
                 cure = "" if _CURE in str(exc) else (
                     "; define the function at the top level of a .py module and import it, or "
                     "create that value in the worker (in worker_init, say)")
@@ -1980,10 +2011,20 @@ def _culprit(functions, forked_main):
     return None
 
 
-# The worker's side: pickle.loads finds these two by name.
+_numbered = {}  # parent: id of a globals dict -> (that dict, its number); kept, so no other takes its id
 
-_namespaces = {}  # (module, parent pid, id of its globals, shared) -> globals dict
-_assigned = {}    # id of a globals dict -> the names code run in this worker assigned there
+
+def _namespace_number(g):
+    entry = _numbered.get(id(g))
+    if entry is None:
+        entry = _numbered[id(g)] = (g, next(_ids))
+    return entry[1]
+
+
+# The worker's side: pickle.loads finds _function_skeleton and _function_setstate by name.
+
+_namespaces = {}  # (module, parent pid, namespace number, shared) -> globals dict
+_assigned = {}    # id of a notebook's globals dict here -> the names its functions assign
 
 
 def _namespace(key):
@@ -1999,11 +2040,6 @@ def _namespace(key):
     return namespace
 
 
-def _note_assigned(f):
-    """f ran here (a worker_init): the globals its code assigns are the worker's from now on."""
-    if type(f) is types.FunctionType:
-        _assigned.setdefault(id(f.__globals__), set()).update(_code_info(f.__code__)[3])
-
 
 def _function_skeleton(code, name, key):
     code = marshal.loads(code)
@@ -2014,14 +2050,18 @@ def _function_skeleton(code, name, key):
 def _function_setstate(f, state):
     key, values, writes, cells, attrs, _ = state  # the submodules were imported by unpickling them
     namespace = _namespace(key)
-    assigned = _assigned.setdefault(id(namespace), set())
-    for name, value in values.items():
-        # A name that code run here assigns (`global model` in a worker_init) belongs to the
-        # worker once there: the parent's stale copy (often a `model = None` line) doesn't
-        # overwrite it. Other globals take the parent's newest value.
-        if name not in assigned or name not in namespace:
-            namespace[name] = value
-    assigned.update(writes)
+    if key[3]:  # a module this worker imported: its values win, as for its functions sent by name
+        for name, value in values.items():
+            namespace.setdefault(name, value)
+    else:
+        assigned = _assigned.setdefault(id(namespace), set())
+        for name, value in values.items():
+            # A name that a function of the notebook assigns (`global model` in a worker_init)
+            # belongs to the worker once there: the parent's stale copy (often a `model = None`
+            # line) doesn't overwrite it. Other globals take the parent's newest value.
+            if name not in assigned or name not in namespace:
+                namespace[name] = value
+        assigned.update(writes)
     for i, value in cells.items():
         f.__closure__[i].cell_contents = value
     for attr, value in attrs.items():
@@ -2055,7 +2095,7 @@ class _Failure:
         if exc is None:
             try:
                 exc = pickle.loads(self.blob)
-            except Exception:
+            except _TASK_ERRORS:
                 last = self.text.rstrip().splitlines()[-1]
                 exc = RuntimeError(f"{last} (the task's exception could not be sent back as it is)")
         if self.frames:
@@ -2148,7 +2188,7 @@ def _check_functions(items, forked_main):
         task = _entry_task(item)
         try:
             _pickle(task.f, forked_main)
-        except Exception as exc:
+        except _TASK_ERRORS as exc:
             raise UnpicklableTaskError(f"{_short(task)} can't be sent to a worker process: "
                                        f"it can't be pickled: {exc}") from exc
 
@@ -2156,7 +2196,7 @@ def _check_functions(items, forked_main):
 def _pickle_task(task, forked_main=None):
     try:
         return _pickle((task.f, task.args, task.kwargs), forked_main)
-    except Exception as exc:
+    except _TASK_ERRORS as exc:
         raise UnpicklableTaskError(f"{_short(task)} can't be sent to a worker process: "
                                    f"it can't be pickled: {exc}") from exc
 

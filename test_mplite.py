@@ -2817,6 +2817,102 @@ def return_instance(cls):
     return cls()
 
 
+class ExitWhenRebuilt:
+    """Pickles fine; rebuilding it (in the parent, on mplite's engine thread) calls sys.exit(7)."""
+
+    def __reduce__(self):
+        return (sys.exit, (7,))
+
+
+def chain_then_exit(prev_task, result):  # a TaskChain's next_task: runs on the engine thread
+    sys.exit(5)
+
+
+def test_system_exit_from_user_code_on_the_engine_thread_fails_only_that_task(pools):
+    # next_task and the rebuilding of results run on the engine thread: a SystemExit there is
+    # that task's error, never the end of the engine (nor a caller waiting for ever).
+    tm = pools.get("spawn")
+    try:
+        tasks = [TaskChain(Task(adder, 1, 2), chain_then_exit), Task(return_instance, ExitWhenRebuilt),
+                 Task(adder, 2, 2)]
+        results = bounded(lambda: tm.execute(tasks, progress=False), 60)
+        assert results[0].splitlines()[-1] == "SystemExit: 5", results[0]
+        assert "can't be unpickled here" in results[1], results[1]
+        assert results[2] == 4
+        assert tm.execute([Task(adder, 1, 1)], progress=False) == [2]
+    finally:
+        pools.release(tm)
+
+
+def poll_active_children(stop):
+    while not stop.is_set():
+        multiprocessing.active_children()
+        time.sleep(0.001)
+
+
+def test_workers_reaped_by_multiprocessing_elsewhere_still_report_their_death(method):
+    # Another thread's active_children() (or Process.start()) reaps the children multiprocessing
+    # knows of: mplite's workers must keep their exit code, and the pool its health.
+    stop = threading.Event()
+    poller = threading.Thread(target=poll_active_children, args=(stop,))
+    poller.start()
+    try:
+        with TaskManager(2, context=method) as tm:
+            results = bounded(lambda: tm.execute([Task(_fault_die, "SIGKILL") for _ in range(12)],
+                                                 progress=False), 90)
+            assert tm.execute([Task(adder, 1, 1)], progress=False) == [2]
+    finally:
+        stop.set()
+        poller.join(10)
+    assert all(r.splitlines()[-1].endswith("was killed by SIGKILL (possibly out of memory)") for r in results), results
+
+
+def test_executor_shutdown_never_raises():
+    ex = mplite.ProcessPoolExecutor(1, initializer=raise_value_error, initargs=("init fails",))
+    try:
+        future = ex.submit(adder, 1, 2)
+    except BrokenProcessPool:
+        pass
+    else:
+        with pytest.raises(BrokenProcessPool):
+            future.result(timeout=60)
+    for _ in range(2):  # a broken pool, then a closed one
+        ex.shutdown(wait=False, cancel_futures=True)
+    ex.shutdown(cancel_futures=True)
+
+
+EXIT_WITH_MAIN_CLASSES = """
+import sys, time
+import mplite
+
+class Point:
+    def __init__(self, x):
+        self.x = x
+
+def work(p):
+    time.sleep(0.01)
+    return p.x
+
+if __name__ == "__main__":
+    ex = mplite.ProcessPoolExecutor(2)
+    futures = [ex.submit(work, Point(i)) for i in range(40)]
+    futures[-1].add_done_callback(lambda f: print("last:", f.result(), flush=True))
+    print("script done", flush=True)
+"""
+
+
+def test_executor_finishes_work_of_main_classes_after_the_script_ends(tmp_path):
+    # Python deletes __main__.__file__ when the script ends, before the executor has sent what it
+    # was given: its tasks (instances of the script's classes) must still go, by name.
+    script = tmp_path / "script.py"
+    script.write_text(EXIT_WITH_MAIN_CLASSES)
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(mplite.__file__)))
+    proc = subprocess.run([sys.executable, str(script)], cwd=str(tmp_path), env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=110)
+    out = proc.stdout.decode(errors="replace")
+    assert proc.returncode == 0 and "last: 39" in out, out
+
+
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
@@ -3501,6 +3597,8 @@ def test_executor_pickling_faults_fail_only_their_own_future(ex_method):
             "a result that calls sys.exit() when pickled": lambda: ex.submit(return_instance, ExitAtPickle),
             "a result that ends the worker when pickled": lambda: ex.submit(return_instance, CrashAtPickle),
             "a result that can't be rebuilt in the parent": lambda: ex.submit(return_instance, BuiltOnlyHere),
+            "an argument that calls sys.exit() when pickled": lambda: ex.submit(ignore_args, ExitAtPickle()),
+            "a result that calls sys.exit() when rebuilt in the parent": lambda: ex.submit(return_instance, ExitWhenRebuilt),
         }
         for name, submit_bad in cases.items():
             before = [ex.submit(sleep_return, 0.01, i) for i in range(4)]
@@ -4252,7 +4350,9 @@ def test_by_value_worker_init_sets_a_global_seen_by_by_value_tasks(method):
 def test_a_large_global_is_sent_once_per_worker_within_a_call(method):
     """BIG_GLOBAL (256 KiB) is a global of the task function; each worker unpickles it once per call,
     not with every message, though each call sends many (a task of 2 ms travels alone or in
-    pairs); a later call brings it at most once more, and brings a new value when there is one."""
+    pairs); a later call brings it at most once more. This module is one the workers import, so
+    the lambda uses its globals there, as the module's own functions do: rebinding BIG_GLOBAL here
+    changes nothing there (a notebook's globals do follow: see NOTEBOOK_CELL)."""
     global BIG_GLOBAL
     task = lambda x: (time.sleep(0.002), os.getpid(), counted_big_rebuilds(), len(BIG_GLOBAL))[1:]
     original = BIG_GLOBAL
@@ -4270,8 +4370,8 @@ def test_a_large_global_is_sent_once_per_worker_within_a_call(method):
             for pid, rebuilt, size in results:
                 later.setdefault(pid, set()).add(rebuilt)
             assert all(len(counts) == 1 and counts <= {1, 2} for counts in later.values()), later
-            BIG_GLOBAL = CountedBig(bytes(100))  # a new value: the next call brings it
-            assert {size for _, _, size in tm.map(task, range(20))} == {100}
+            BIG_GLOBAL = CountedBig(bytes(100))
+            assert {size for _, _, size in tm.map(task, range(20))} == {len(original)}
         finally:
             BIG_GLOBAL = original
 
