@@ -41,7 +41,6 @@ import io
 import itertools
 import linecache
 import marshal
-import multiprocessing.process
 import os
 import pickle
 import reprlib
@@ -1370,9 +1369,6 @@ class _Faults:
                 process.start()
         finally:
             child_conn.close()
-        # multiprocessing reaps the children it knows of whenever any thread starts a process or
-        # asks for active_children(); a worker reaped there would leave us no exit code.
-        multiprocessing.process._children.discard(process)
         w = _Worker(process, conn, journal, self.max_tasks)
         self.workers.append(w)
         if not _PORTABLE:
@@ -2202,8 +2198,8 @@ def _pickle_task(task, forked_main=None):
 
 
 def _exit_reason(code):
-    if code is None:
-        return "stopped"
+    if code is None:  # reaped by multiprocessing itself, in another thread's active_children()
+        return "ended (its exit status was collected elsewhere)"
     if code >= 0:
         return f"exited with code {code}"
     try:

@@ -2852,7 +2852,7 @@ def poll_active_children(stop):
 
 def test_workers_reaped_by_multiprocessing_elsewhere_still_report_their_death(method):
     # Another thread's active_children() (or Process.start()) reaps the children multiprocessing
-    # knows of: mplite's workers must keep their exit code, and the pool its health.
+    # knows of, mplite's workers too: the pool must keep its health, and each task its error.
     stop = threading.Event()
     poller = threading.Thread(target=poll_active_children, args=(stop,))
     poller.start()
@@ -2864,7 +2864,9 @@ def test_workers_reaped_by_multiprocessing_elsewhere_still_report_their_death(me
     finally:
         stop.set()
         poller.join(10)
-    assert all(r.splitlines()[-1].endswith("was killed by SIGKILL (possibly out of memory)") for r in results), results
+    # Each killed task gets its worker's death as its error. (Its cause may read "its exit status
+    # was collected elsewhere" when that thread reaped the worker first: multiprocessing's.)
+    assert all(r.splitlines()[-1].startswith("ChildProcessError: the worker process") for r in results), results
 
 
 def test_executor_shutdown_never_raises():
