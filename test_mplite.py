@@ -2190,8 +2190,9 @@ def test_fault_worker_init_exits(fault_method, tmp_path):
 # 6./7./8. Ctrl-C, a SIGKILLed parent, a manager left open at exit (child scripts)
 # ---------------------------------------------------------------------------------------------
 
-_FAULT_SCRIPT = r'''
-import multiprocessing, os, sys, time, traceback
+# The child scripts of the Ctrl-C and exit tests begin with this: a task that runs a while,
+# and how they list their workers for the test to find.
+_SCRIPT_PRELUDE = r'''import multiprocessing, os, sys, time, traceback
 sys.path.insert(0, @@REPO@@)
 import mplite
 
@@ -2200,6 +2201,31 @@ def fault_long(marker_dir, seconds):
     open(os.path.join(marker_dir, "%d.started" % os.getpid()), "w").close()
     time.sleep(seconds)
     return seconds
+
+
+def write_pids(marker_dir):
+    pids = sorted(p.pid for p in multiprocessing.active_children())
+    tmp = os.path.join(marker_dir, "pids.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(" ".join(map(str, pids)))
+    os.replace(tmp, os.path.join(marker_dir, "pids.txt"))
+
+
+def interrupted(submit):
+    """After the KeyboardInterrupt: show it, check nothing more is accepted, exit as a shell would."""
+    traceback.print_exc()
+    sys.stderr.flush()
+    try:
+        submit()
+    except RuntimeError:
+        print("STOPPED-OK", flush=True)
+    else:
+        print("NOT-STOPPED", flush=True)
+    sys.exit(130)
+'''
+
+_FAULT_SCRIPT = r'''
+@@PRELUDE@@
 
 
 def fault_quick(x):
@@ -2211,25 +2237,6 @@ def fault_init_sleep(marker_dir):
     time.sleep(30)
 
 
-def write_pids(marker_dir):
-    pids = sorted(p.pid for p in multiprocessing.active_children())
-    tmp = os.path.join(marker_dir, "pids.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(" ".join(map(str, pids)))
-    os.replace(tmp, os.path.join(marker_dir, "pids.txt"))
-
-
-def interrupted(tm):
-    """After the KeyboardInterrupt: show it, check the manager was stopped, exit as a shell would."""
-    traceback.print_exc()
-    sys.stderr.flush()
-    try:
-        tm.submit(mplite.Task(fault_quick, 1))
-    except RuntimeError:
-        print("STOPPED-OK", flush=True)
-    else:
-        print("NOT-STOPPED", flush=True)
-    sys.exit(130)
 
 
 def main():
@@ -2240,7 +2247,7 @@ def main():
         try:
             tm.start()
         except KeyboardInterrupt:
-            interrupted(tm)
+            interrupted(lambda: tm.submit(mplite.Task(fault_quick, 1)))
         print("NO-KEYBOARDINTERRUPT", flush=True)
         sys.exit(3)
     tm = mplite.TaskManager(cpu_count=3, context=method)  # 2 busy workers, 1 idle
@@ -2255,7 +2262,7 @@ def main():
                     tm.submit(mplite.Task(fault_long, marker_dir, 60))
                 tm.take(timeout=None)
         except KeyboardInterrupt:
-            interrupted(tm)
+            interrupted(lambda: tm.submit(mplite.Task(fault_quick, 1)))
         print("NO-KEYBOARDINTERRUPT", flush=True)
         sys.exit(3)
     elif scenario == "parent-kill":
@@ -2286,7 +2293,7 @@ class _FaultScript:
         self.dir = tmp_path / "markers"
         self.dir.mkdir()
         source, script = script, tmp_path / "fault_child.py"
-        script.write_text(source.replace("@@REPO@@", repr(_FAULT_REPO)))
+        script.write_text(source.replace("@@PRELUDE@@", _SCRIPT_PRELUDE).replace("@@REPO@@", repr(_FAULT_REPO)))
         self.out_path, self.err_path = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
         with open(str(self.out_path), "w") as out, open(str(self.err_path), "w") as err:
             self.proc = subprocess.Popen([sys.executable, str(script), scenario, method, str(self.dir)],
@@ -2345,6 +2352,24 @@ class _FaultScript:
             self.proc.wait(10)
 
 
+def _ctrl_c_and_check(child, pids):
+    """A terminal's Ctrl-C to the child's process group: it must exit promptly with 130, its pool
+    stopped, one KeyboardInterrupt traceback (its own, none from a worker), nothing left behind.
+    (A pool that waited for the running tasks would take a minute.)"""
+    os.killpg(child.proc.pid, signal.SIGINT)
+    rc = child.wait(30)
+    out, err = child.stdout, child.stderr
+    report = "rc=%s\nstdout:\n%s\nstderr:\n%s" % (rc, out, err)
+    assert rc == 130, report
+    assert "STOPPED-OK" in out, "the pool was not left stopped\n" + report
+    ki_lines = [line for line in err.splitlines() if line.startswith("KeyboardInterrupt")]
+    assert len(ki_lines) == 1, "expected exactly one KeyboardInterrupt traceback\n" + report
+    assert err.count("Traceback (most recent call last)") == 1, report
+    assert not re.search(r"^Process \S+:$", err, re.M), "a worker printed a traceback\n" + report
+    _fault_wait_dead(pids, 5, "workers after Ctrl-C")
+    child.assert_group_gone()
+
+
 @pytest.mark.parametrize("scenario,fault_method", [("ctrlc-execute", "spawn"), ("ctrlc-execute", "fork"),
                                                    ("ctrlc-execute", "forkserver"),
                                                    ("ctrlc-take", "spawn"), ("ctrlc-take", "fork"),
@@ -2358,18 +2383,7 @@ def test_fault_ctrl_c(scenario, fault_method, tmp_path):
         else:  # two workers are running a task, the third is idle
             pids = child.worker_pids(2)
             assert len(pids) == 3, pids
-        os.killpg(child.proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
-        rc = child.wait(30)
-        out, err = child.stdout, child.stderr
-        report = "rc=%s\nstdout:\n%s\nstderr:\n%s" % (rc, out, err)
-        assert rc == 130, report
-        assert "STOPPED-OK" in out, "the manager was not left stopped\n" + report
-        ki_lines = [line for line in err.splitlines() if line.startswith("KeyboardInterrupt")]
-        assert len(ki_lines) == 1, "expected exactly one KeyboardInterrupt traceback\n" + report
-        assert err.count("Traceback (most recent call last)") == 1, report
-        assert not re.search(r"^Process \S+:$", err, re.M), "a worker printed a traceback\n" + report
-        _fault_wait_dead(pids, 5, "workers after Ctrl-C")
-        child.assert_group_gone()
+        _ctrl_c_and_check(child, pids)
     finally:
         child.cleanup()
 
@@ -3665,15 +3679,7 @@ def test_executor_with_asyncio(spex):
 # ---------------------------------------------------------------------------------------------
 
 _EXECUTOR_SCRIPT = r'''
-import multiprocessing, os, sys, time, traceback
-sys.path.insert(0, @@REPO@@)
-import mplite
-
-
-def fault_long(marker_dir, seconds):
-    open(os.path.join(marker_dir, "%d.started" % os.getpid()), "w").close()
-    time.sleep(seconds)
-    return seconds
+@@PRELUDE@@
 
 
 def write_later(marker_dir, seconds):
@@ -3692,25 +3698,6 @@ def wait_started(marker_dir, n):
         time.sleep(0.02)
 
 
-def write_pids(marker_dir):
-    pids = sorted(p.pid for p in multiprocessing.active_children())
-    tmp = os.path.join(marker_dir, "pids.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(" ".join(map(str, pids)))
-    os.replace(tmp, os.path.join(marker_dir, "pids.txt"))
-
-
-def interrupted(submit):
-    """After the KeyboardInterrupt: show it, check nothing more is accepted, exit as a shell would."""
-    traceback.print_exc()
-    sys.stderr.flush()
-    try:
-        submit()
-    except RuntimeError:
-        print("STOPPED-OK", flush=True)
-    else:
-        print("NOT-STOPPED", flush=True)
-    sys.exit(130)
 
 
 def main():
@@ -3765,17 +3752,7 @@ def test_ctrl_c_in_future_result_or_as_completed(scenario, ex_method, tmp_path):
     try:
         pids = child.worker_pids(2)
         assert len(pids) >= 2, pids
-        os.killpg(child.proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
-        rc = child.wait(30)  # one that waited for the running tasks would take a minute
-        out, err = child.stdout, child.stderr
-        report = "rc=%s\nstdout:\n%s\nstderr:\n%s" % (rc, out, err)
-        assert rc == 130, report
-        assert "STOPPED-OK" in out, "the pool was not left stopped\n" + report
-        assert len([line for line in err.splitlines() if line.startswith("KeyboardInterrupt")]) == 1, report
-        assert err.count("Traceback (most recent call last)") == 1, report
-        assert not re.search(r"^Process \S+:$", err, re.M), "a worker printed a traceback\n" + report
-        _fault_wait_dead(pids, 5, "workers after Ctrl-C")
-        child.assert_group_gone()
+        _ctrl_c_and_check(child, pids)
     finally:
         child.cleanup()
 
