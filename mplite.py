@@ -664,10 +664,11 @@ class _FutureTask(_Owner):
 # moves, timeouts fire and dead workers are replaced whether or not anybody is inside an
 # mplite call, and any number of threads can use one pool.
 #
-# Every worker has its own Pipe (a socket pair). The engine sends a worker messages, each a
-# pickled list of tasks; the worker answers with one frame per task. The engine sleeps in
-# multiprocessing.connection.wait() on all pipes, process sentinels and its wake-up socket: a
-# result, a death or a new job wakes it at once, and nothing polls.
+# Every worker has its own Pipe. The engine sends a worker messages, each a pickled list of
+# tasks; the worker answers with one frame per task. The engine sleeps in a selector (epoll) on
+# all pipes, process exits (pidfds) and its wake-up socket: a result, a death or a new job wakes
+# it at once, and nothing polls. (The portable path waits in multiprocessing.connection.wait()
+# on the pipes alone: see _PORTABLE.)
 #
 # A system call costs microseconds, more than a tiny task, so a worker does not send each frame
 # on its own: it writes them to a journal in shared memory and sends the journal down the pipe
@@ -682,9 +683,9 @@ class _FutureTask(_Owner):
 #
 # Fork and threads: with the fork start method, replacement workers are forked by the engine
 # thread while other threads run. The engine holds none of its locks when it forks (it takes
-# them only to swap a request queue or to hand over a result), so a worker never inherits one
-# of mplite's locks held. A lock that one of *your* threads holds at that moment stays held in
-# the worker (see the README); spawn and forkserver workers start clean.
+# them only to swap a request queue or to hand over a result), and a worker never uses them.
+# A lock that one of *your* threads holds at that moment stays held in the worker (see the
+# README); spawn and forkserver workers start clean.
 # ---------------------------------------------------------------------------------------------
 _U64 = struct.Struct("<Q")  # frame lengths, both ways (zero asks a worker to exit), and counters
 _ANSWERS = struct.Struct("<I?d")  # a worker's frame starts: answers, all results?, seconds per task
