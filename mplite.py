@@ -31,6 +31,7 @@ else, and every method may be called from any number of threads at once. Code wr
 
 Standard library only, Python 3.8+, POSIX (Linux, macOS). MIT licence.
 """
+import ast
 import atexit
 import contextlib
 import builtins
@@ -1807,9 +1808,9 @@ def _pickle(obj, forked_main=None, sent=None):
     out = io.BytesIO()
     if _importable("__main__", sys.modules["__main__"]):
         try:
-            ForkingPickler(out, pickle.HIGHEST_PROTOCOL).dump(obj)
+            _ByNamePickler(out, pickle.HIGHEST_PROTOCOL).dump(obj)
             return out.getvalue()
-        except _TASK_ERRORS:
+        except _TASK_ERRORS:  # _ByValueNeeded too
             out = io.BytesIO()
     pickler = _ByValuePickler(out, forked_main, sent)
     try:
@@ -1822,6 +1823,38 @@ def _pickle(obj, forked_main=None, sent=None):
     if sent is not None:
         sent.update(pickler.fresh)
     return out.getvalue()
+
+
+class _ByValueNeeded(Exception):
+    pass
+
+
+class _ByNamePickler(ForkingPickler):
+    """multiprocessing's pickler, which sends functions by name; it gives up (for the by-value
+    one) on a function of the main script that its workers won't have: one defined inside
+    `if __name__ == "__main__":`, a block that a spawned worker running the script skips."""
+
+    def reducer_override(self, obj):  # not called for ints, strs, tuples, lists, dicts...
+        if type(obj) is types.FunctionType and obj.__module__ == "__main__" and _under_main_guard(obj):
+            raise _ByValueNeeded
+        return NotImplemented
+
+
+def _under_main_guard(f):
+    line = f.__code__.co_firstlineno
+    return any(start <= line <= end for start, end in _main_guards(_main_file()))
+
+
+@functools.lru_cache(maxsize=4)
+def _main_guards(path):
+    """(first, last) line of each top-level `if __name__ == ...:` block of the main script."""
+    try:
+        with open(path, "rb") as source:
+            tree = ast.parse(source.read())
+    except (OSError, TypeError, ValueError, SyntaxError):  # no script (None), or none to read
+        return ()
+    return tuple((node.lineno, node.end_lineno) for node in tree.body
+                 if isinstance(node, ast.If) and "__name__" in ast.dump(node.test))
 
 
 def _importable(name, module):
@@ -1862,7 +1895,8 @@ def _by_name(obj):
         return False
     for part in qualname.split("."):
         module = getattr(module, part, None)
-    return module is obj
+    return module is obj and not (obj.__module__ == "__main__" and type(obj) is types.FunctionType
+                                  and _under_main_guard(obj))
 
 
 def _stuck_class(cls):

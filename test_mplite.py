@@ -4355,6 +4355,44 @@ def test_a_large_global_is_sent_once_per_worker_within_a_call(method):
             BIG_GLOBAL = original
 
 
+MAIN_GUARD_SCRIPT = """
+import sys
+import mplite
+from mplite import Task, TaskManager
+
+def top(x):
+    return x + 1
+
+if __name__ == "__main__":
+    def double(x):  # spawned workers run this script as __mp_main__, without this block
+        return 2 * x
+
+    def uses_both(x):
+        return double(top(x))
+
+    with TaskManager(2, context=sys.argv[1]) as tm:
+        print(tm.map(double, range(3)), tm.map(uses_both, [1]), tm.map(top, [1]))
+        tm.submit(Task(double, 21))
+        print(tm.take(timeout=60))
+    with mplite.ProcessPoolExecutor(2, mp_context=sys.argv[1]) as ex:
+        print(list(ex.map(double, [5])))
+"""
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_functions_defined_under_the_main_guard_travel_by_value(method, tmp_path):
+    # By name, the workers would answer "AttributeError: Can't get attribute 'double' on
+    # <module '__mp_main__'>": the block that defines it is not run there.
+    script = tmp_path / "guarded.py"
+    script.write_text(MAIN_GUARD_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(mplite.__file__)))
+    proc = subprocess.run([sys.executable, str(script), method], cwd=str(tmp_path), env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=110)
+    out = proc.stdout.decode(errors="replace")
+    assert proc.returncode == 0, out
+    assert out.splitlines() == ["[0, 2, 4] [4] [2]", "42", "[10]"], out
+
+
 # ---------------------------------------------------------------------------------------------
 # Last: nothing left behind
 # ---------------------------------------------------------------------------------------------
