@@ -237,6 +237,7 @@ class TaskManager:
         if not tasks:
             return []
         call = _Call(tasks, timeout, raise_errors=self.error_mode == "exception")
+        _refuse_on_engine_thread(pool)  # before its work is queued: nobody would wait for it
         try:
             pool.put(_Job(call, 0, len(tasks)))
             self._wait(pool, call.wait, None if bar is None else lambda: call.report(bar))
@@ -318,9 +319,8 @@ class TaskManager:
 
     def _wait(self, pool, wait_for, arg):
         """wait_for(arg), a wait for results. Ctrl-C stops the pool at once: no process is left."""
-        if arg != 0 and threading.current_thread() is pool.thread:
-            raise RuntimeError("a TaskChain's next_task (or a Future's callback) runs on mplite's "
-                               "engine thread, which can't wait for results: it is what delivers them")
+        if arg != 0:
+            _refuse_on_engine_thread(pool)
         try:
             return wait_for(arg)
         except KeyboardInterrupt:
@@ -334,6 +334,12 @@ class TaskManager:
         if self.error_mode == "exception":
             raise value.exception()
         return item, value.text
+
+
+def _refuse_on_engine_thread(pool):
+    if threading.current_thread() is pool.thread:
+        raise RuntimeError("a TaskChain's next_task (or a Future's callback) runs on mplite's "
+                           "engine thread, which can't wait for results: it is what delivers them")
 
 
 class ProcessPoolExecutor(futures.Executor):
@@ -419,7 +425,7 @@ class ProcessPoolExecutor(futures.Executor):
             self._shutdown = True
         if cancel_futures and not self._pool.closed:
             try:
-                self._pool.command(self._pool.cancel_waiting_futures)
+                self._pool.put(self._pool.cancel_waiting_futures)
             except RuntimeError:  # it closed meanwhile (BrokenProcessPool is one): nothing waits
                 pass
         self._pool.close(1.0, drain=True, wait=wait)
@@ -1466,7 +1472,7 @@ class _Faults:
 class _Pool(_Scheduling, _Answers, _Faults):
     """The engine: worker processes, the jobs waiting for them, and the thread that runs it all.
 
-    Callers (any thread) use start(), wait_ready(), put(), command() and close(); everything
+    Callers (any thread) use start(), wait_ready(), put() and close(); everything
     else runs on the engine thread, in the three parts above.
     """
 
@@ -1555,8 +1561,6 @@ class _Pool(_Scheduling, _Answers, _Faults):
             self._requests.append(request)
         if self._asleep:
             self._wake()
-
-    command = put
 
     def refusal(self):
         """The error for a request that comes after the pool closed."""

@@ -2858,6 +2858,27 @@ def test_system_exit_from_user_code_on_the_engine_thread_fails_only_that_task(po
         pools.release(tm)
 
 
+NESTED_MANAGER = []  # the manager a chain's next_task below calls into
+
+
+def chain_then_execute(prev_task, result):  # runs on the engine thread: it may not wait there
+    return NESTED_MANAGER[0].execute([Task(adder, result, 1)], progress=False)
+
+
+def test_waiting_on_the_engine_thread_is_refused_not_a_deadlock(pools):
+    tm = pools.get("spawn")
+    NESTED_MANAGER.append(tm)
+    try:
+        results = bounded(lambda: tm.execute([TaskChain(Task(adder, 1, 2), chain_then_execute),
+                                              Task(adder, 2, 2)], progress=False), 60)
+        assert "RuntimeError: a TaskChain's next_task" in results[0].splitlines()[-1], results[0]
+        assert results[1] == 4
+        assert tm.execute([Task(adder, 1, 1)], progress=False) == [2]  # the engine went on
+    finally:
+        NESTED_MANAGER.clear()
+        pools.release(tm)
+
+
 def poll_active_children(stop):
     while not stop.is_set():
         multiprocessing.active_children()
