@@ -78,35 +78,58 @@ __all__ = ["Task", "TaskChain", "TaskManager", "ProcessPoolExecutor", "Unpicklab
 # ---------------------------------------------------------------------------------------------
 
 _ids = itertools.count(1)
+_id_lock = threading.Lock()
+_task_func = functools.partial.func.__get__  # a Task's parts, read in C, for the engine
+_task_args = functools.partial.args.__get__
+_task_keywords = functools.partial.keywords.__get__
 _DEFAULT = object()  # "not given": lets execute(timeout=None) mean "no limit for this call"
 
 
-class Task:
-    """A function call to run in a worker: ``Task(f, *args, **kwargs)``."""
+class Task(functools.partial):
+    """A function call to run in a worker: ``Task(f, *args, **kwargs)``.
 
-    def __init__(self, /, f, *args, **kwargs):
-        if not callable(f):
-            raise TypeError(f"Task needs a callable as its first argument, not {f!r}")
-        self.f = f
-        self.args = args
-        self.kwargs = kwargs
-        self.id = next(_ids)
+    A Task is a functools.partial with mplite's names for its parts: ``f``, ``args``,
+    ``kwargs`` and a unique ``id``. Being one, it is built in C, at half the cost of a class
+    of our own: users build a Task per tiny task, often millions of them.
+    """
+    __slots__ = ("_id",)
+
+    # The parts, under the names mplite 1.x gave them; settable, as they were there.
+    f = property(attrgetter("func"), lambda self, f: self._set(f, self.args, self.keywords))
+    args = property(functools.partial.args.__get__,
+                    lambda self, args: self._set(self.func, args, self.keywords))
+    kwargs = property(attrgetter("keywords"), lambda self, kwargs: self._set(self.func, self.args, kwargs))
+
+    @property
+    def id(self):
+        """A number unique to this task, drawn when first asked for (in 1.x: at creation)."""
+        try:
+            return self._id
+        except AttributeError:
+            with _id_lock:
+                if not hasattr(self, "_id"):  # another thread may have drawn it meanwhile
+                    self._id = next(_ids)
+            return self._id
 
     @classmethod
     def _of(cls, f, args, kwargs):
         """A Task of f(*args, **kwargs), even where kwargs has a key named f."""
-        task = cls.__new__(cls)
-        task.f, task.args, task.kwargs, task.id = f, args, kwargs, next(_ids)
-        return task
+        return cls(f, *args, **kwargs)
+
+    def _set(self, f, args, kwargs):
+        functools.partial.__setstate__(self, (f, tuple(args), dict(kwargs), None))
 
     def __repr__(self):
-        return f"Task(f={_name(self.f)}, *{self.args!r}, **{self.kwargs!r})"
+        return f"Task(f={_name(self.func)}, *{self.args!r}, **{self.keywords!r})"
 
     __str__ = __repr__
 
+    def __reduce__(self):  # a partial's state holds its __dict__; a Task has none
+        return Task._of, (self.func, self.args, self.keywords)
+
     def execute(self):
         """Run the task here, in this process; exceptions propagate. Handy for checking a task."""
-        return self.f(*self.args, **self.kwargs)
+        return self.func(*self.args, **self.keywords)
 
 
 class TaskChain:
@@ -157,14 +180,27 @@ class TaskManager:
     timeout: seconds a task may run, counted from its start in a worker; the worker of a task
         over its limit is stopped and replaced, and the task's result is a TimeoutError.
     max_tasks_per_child: replace each worker after this many tasks (for leaky code).
+    executor: a concurrent.futures.Executor to run the tasks on instead of worker processes of
+        mplite's own: dask's client.get_executor(), say (see the README, "Past one machine").
+        cpu_count is then how many batches of tasks run at once (default: the executor's
+        max_workers, or a dask cluster's threads). The executor is yours: stop() leaves it running.
 
     Use it as a context manager, or call start() and stop(). Once started, the pool works in
     the background, and every method may be called from any number of threads at once.
     """
 
     def __init__(self, cpu_count=None, context="spawn", worker_init=None, error_mode="str",
-                 *, timeout=None, max_tasks_per_child=None):
+                 *, timeout=None, max_tasks_per_child=None, executor=None):
         self._ctx = _context(context)
+        if executor is not None:
+            if not isinstance(executor, futures.Executor):
+                raise TypeError(f"executor must be a concurrent.futures.Executor, not {type(executor).__name__}")
+            if worker_init is not None or max_tasks_per_child is not None:
+                raise ValueError("worker_init and max_tasks_per_child work on mplite's own workers only; "
+                                 "an executor has its own (say, ProcessPoolExecutor's initializer)")
+            if cpu_count is None:
+                cpu_count = _executor_slots(executor)
+        self._executor = executor
         self._cpu_count = _positive_int(_usable_cpus() if cpu_count is None else cpu_count, "cpu_count")
         if worker_init is not None and not isinstance(worker_init, Task):
             raise TypeError(f"worker_init must be a Task or None, not {type(worker_init).__name__}")
@@ -180,7 +216,8 @@ class TaskManager:
 
     def __repr__(self):
         state = "running" if self._pool else "stopped"
-        return f"<TaskManager cpu_count={self._cpu_count} {self._ctx.get_start_method()} {state}>"
+        where = self._ctx.get_start_method() if self._executor is None else f"on {type(self._executor).__name__}"
+        return f"<TaskManager cpu_count={self._cpu_count} {where} {state}>"
 
     @property
     def cpu_count(self):
@@ -194,15 +231,21 @@ class TaskManager:
         self.stop()
 
     def start(self):
-        """Start the workers; wait until they are ready (and have run worker_init)."""
+        """Start the workers. With a worker_init, wait until every worker has run it (one that
+        fails raises here); without one, return at once: tasks go to workers as they are ready."""
         with self._lock:
             pool = self._pool
             if pool is None or pool.closed:
-                pool = _Pool(self._ctx, self._cpu_count, self.worker_init, self.max_tasks_per_child,
-                             init_label="worker_init")
+                if self._executor is not None:
+                    pool = _ExecutorPool(self._executor, self._cpu_count)
+                else:
+                    pool = _Pool(self._ctx, self._cpu_count, self.worker_init, self.max_tasks_per_child,
+                                 init_label="worker_init")
                 pool.start()
                 self._pool = pool
                 self._finalizer = weakref.finalize(self, pool.close)  # a manager dropped unstopped
+        if self.worker_init is None:
+            return
         try:
             pool.wait_ready()  # a failing worker_init raises here
         except BaseException:
@@ -231,15 +274,36 @@ class TaskManager:
         """
         pool = self._running()
         tasks = _task_list(tasks)
-        timeout = self.timeout if timeout is _DEFAULT else _seconds(timeout, "timeout")
         _check_functions(tasks, pool.forked_main)
-        bar = _progress_bar(len(tasks), tqdm, pbar, progress and bool(tasks))
-        if not tasks:
+        return self._call(pool, _Call(tasks, self._timeout(timeout), self._raises), tqdm, pbar, progress)
+
+    def map(self, f, iterable, *, progress=False, timeout=_DEFAULT):
+        """``execute([Task(f, x) for x in iterable])``: the results of f(x), in order."""
+        pool = self._running()
+        _check_functions([_mappable(f)], pool.forked_main)
+        return self._call(pool, _Mapped(list(iterable), self._timeout(timeout), self._raises, f),
+                          None, None, progress)
+
+    def imap(self, f, iterable, *, timeout=_DEFAULT):
+        """map() as an iterator: the results of f(x), in order, as they come.
+
+        The input is read as the results are taken, a little ahead of them: it may be endless,
+        and the memory used doesn't grow with its length. Closing the iterator (or leaving a
+        for loop over it) drops the tasks not yet taken. An error raised by the input itself
+        is raised after the results of the items before it.
+        """
+        pool = self._running()
+        _check_functions([_mappable(f)], pool.forked_main)
+        return self._stream(pool, f, iter(iterable), self._timeout(timeout))
+
+    def _call(self, pool, call, tqdm, pbar, progress):
+        """Run an execute() or map(): wait for all its results."""
+        bar = _progress_bar(len(call.items), tqdm, pbar, progress and bool(call.items))
+        if not call.items:
             return []
-        call = _Call(tasks, timeout, raise_errors=self.error_mode == "exception")
         _refuse_on_engine_thread(pool)  # before its work is queued: nobody would wait for it
         try:
-            pool.put(_Job(call, 0, len(tasks)))
+            pool.put(_Job(call, 0, len(call.items)))
             self._wait(pool, call.wait, None if bar is None else lambda: call.report(bar))
         finally:
             if bar is not None and pbar is None:
@@ -248,11 +312,54 @@ class TaskManager:
             raise call.failure.exception()
         return call.results
 
-    def map(self, f, iterable, *, progress=False, timeout=_DEFAULT):
-        """``execute([Task(f, x) for x in iterable])``: the results of f(x), in order."""
-        if not callable(f):
-            raise TypeError(f"map needs a callable, not {f!r}")
-        return self.execute([Task(f, x) for x in iterable], progress=progress, timeout=timeout)
+    def _stream(self, pool, f, inputs, timeout):
+        """imap(): the input goes out in chunks, each a _Mapped call, kept at most a window
+        ahead of the results taken. The window starts at a few tasks per worker and grows with
+        the results taken, up to a limit: what is read ahead stays bounded, and small only
+        for a consumer that takes few results."""
+        _refuse_on_engine_thread(pool)
+        calls = deque()  # chunks sent and not yet taken, in input order
+        taken = ahead = 0  # results taken; inputs read and not yet taken
+        limit = 4 * _MAX_BATCH * self._cpu_count
+        error = None  # what the input raised: raised after the results of the items before it
+        try:
+            while True:
+                window = min(limit, max(4 * self._cpu_count, taken))
+                while error is None and inputs is not None and ahead < window:
+                    chunk = []
+                    try:
+                        chunk.extend(itertools.islice(inputs, min(max(1, window // 4), window - ahead)))
+                    except Exception as exc:  # the items read before it are in the chunk
+                        error = exc
+                    if not chunk:
+                        inputs = None  # exhausted (or it raised at once)
+                        break
+                    call = _Mapped(chunk, timeout, self._raises, f, fresh=not (taken or calls))
+                    pool.put(_Job(call, 0, len(chunk)))
+                    calls.append(call)
+                    ahead += len(chunk)
+                if not calls:
+                    if error is not None:
+                        raise error
+                    return
+                call = calls[0]
+                self._wait(pool, call.wait, None)
+                if call.failure is not None:
+                    raise call.failure.exception()
+                calls.popleft()
+                ahead -= len(call.results)
+                taken += len(call.results)
+                yield from call.results
+        finally:
+            if calls:  # left early: drop the rest
+                pool.drop(calls)
+
+    @property
+    def _raises(self):
+        return self.error_mode == "exception"
+
+    def _timeout(self, timeout):
+        return self.timeout if timeout is _DEFAULT else _seconds(timeout, "timeout")
 
     def submit(self, task, *, timeout=_DEFAULT):
         """Queue a Task or TaskChain to run; returns its id. Collect it with take() or as_completed()."""
@@ -260,7 +367,7 @@ class TaskManager:
         if not isinstance(task, (Task, TaskChain)):
             raise TypeError(f"submit takes a Task or TaskChain, not {type(task).__name__}")
         timeout = self.timeout if timeout is _DEFAULT else _seconds(timeout, "timeout")
-        payload = _pickle_task(_entry_task(task), pool.forked_main)  # fail here, naming the task, if it can't travel
+        payload = pool.payload(_entry_task(task))
         inbox = pool.inbox
         inbox.opened(1)
         try:
@@ -479,6 +586,14 @@ class _Owner:
     plain = False      # its items are Tasks whose results go straight in: deliver_results()
     cancelled = False  # it wants no more results
 
+    def task(self, slot):
+        """The Task that runs next for a slot (errors name it)."""
+        return _entry_task(self.items[slot])
+
+    def run(self, start, stop):
+        """The tasks of slots start..stop as they travel: a run of a message (see _calls)."""
+        return None, False, [_entry(item) for item in self.items[start:stop]]
+
     def claim(self):
         """The engine is about to send one of its jobs: may it go?"""
         return True
@@ -489,20 +604,29 @@ class _Owner:
 
 class _Call(_Owner):
     """One execute() call: its tasks, their results in input order, and how many are to come."""
-    __slots__ = ("items", "results", "left", "timeout", "raise_errors", "plain", "failure",
-                 "cancelled", "shown", "done")
+    __slots__ = ("items", "results", "left", "timeout", "raise_errors", "plain", "f", "fresh",
+                 "failure", "cancelled", "shown", "done")
 
-    def __init__(self, items, timeout, raise_errors):
+    def __init__(self, items, timeout, raise_errors, f=None, fresh=True):
         self.items = items  # what runs next for each slot: a Task, or a TaskChain's current step
         self.results = [None] * len(items)
         self.left = len(items)
         self.timeout = timeout
         self.raise_errors = raise_errors
-        self.plain = set(map(type, items)) == {Task}  # no chains: results go straight in
+        self.plain = f is not None or set(map(type, items)) == {Task}  # no chains: results go straight in
+        self.f = f  # the one function of every task, which have no keyword arguments; or None
+        if f is None and self.plain and len(set(map(_task_func, items))) == 1 and not any(map(_task_keywords, items)):
+            self.f = items[0].func
+        self.fresh = fresh  # its tasks may differ from those before: measure their length afresh
         self.failure = None
         self.cancelled = False
         self.shown = 0
         self.done = threading.Event()
+
+    def run(self, start, stop):
+        if self.f is None:
+            return _Owner.run(self, start, stop)
+        return self.f, True, list(map(_task_args, self.items[start:stop]))
 
     def wait(self, report):
         """Block until every result is in, or the call failed; report() progress meanwhile."""
@@ -547,6 +671,17 @@ class _Call(_Owner):
         if done > self.shown:
             bar.update(done - self.shown)
             self.shown = done
+
+
+class _Mapped(_Call):
+    """One map() call, or a chunk of an imap(): f(x) for each x of items, no Task made for each."""
+    __slots__ = ()
+
+    def task(self, slot):
+        return Task(self.f, self.items[slot])
+
+    def run(self, start, stop):
+        return self.f, False, self.items[start:stop]
 
 
 class _Submitted(_Owner):
@@ -695,8 +830,15 @@ class _FutureTask(_Owner):
 # README); spawn and forkserver workers start clean.
 # ---------------------------------------------------------------------------------------------
 _U64 = struct.Struct("<Q")  # frame lengths, both ways (zero asks a worker to exit), and counters
-_ANSWERS = struct.Struct("<I?d")  # a worker's frame starts: answers, all results?, seconds per task
-_DONE, _FAILED, _READY, _INIT_FAILED, _UNREADABLE = range(5)  # the kinds of answer
+_ANSWERS = struct.Struct("<IBd")  # a worker's frame starts: answers, their form, seconds per task
+_MIXED, _RESULTS, _LISTED = range(3)  # forms: journal entries of any kind, of _DONE results
+# only, or (for _SCALAR results only) the results as one list: one unpickle in the parent.
+# Only immutable results are listed at flush time: another could have changed since its task.
+_SCALARS = frozenset({int, float, complex, bool, str, bytes, type(None)})
+_NO_KWARGS = {}
+# The kinds of answer. A result is _DONE (pickled) or, for _SCALARS, _SCALAR (marshalled:
+# half the cost of pickle.dumps, and parent and workers run the same interpreter).
+_DONE, _FAILED, _READY, _INIT_FAILED, _UNREADABLE, _SCALAR = range(6)
 
 # The journal, in shared memory: the number of its first answer; how many messages the worker
 # has read; for each answer, where it ends and its kind (end << 3 | kind; 0 where none is
@@ -754,13 +896,32 @@ def _serve_messages(link, out):
             return
         out.note_received()
         try:
-            each, batch = pickle.loads(message)
+            each, runs = pickle.loads(message)
         except BaseException:
             out.post(_UNREADABLE, None)
             continue
         del message
-        out.run(batch, each)
-        del batch  # the tasks' arguments are let go now, not when the next message comes
+        out.run(_calls(runs), sum(len(run[2]) for run in runs), each)
+        del runs  # the tasks' arguments are let go now, not when the next message comes
+
+
+# A message holds runs of tasks, each (f, star, items): f(*item) or f(item) for each item, or
+# where f is None, items of (f, args, kwargs), or of bytes: a task pickled on its own. A map()
+# or a call of one function travels as its arguments only, and the worker rebuilds each call
+# in C, with no Python code per task.
+
+def _calls(runs):
+    """(f, args, kwargs) for each task of a message's runs, made as the worker goes."""
+    return itertools.chain.from_iterable(map(_run_calls, runs))
+
+
+def _run_calls(run):
+    f, star, items = run
+    if f is None:
+        return items
+    if f.__class__ is bytes:  # sent by value to an executor's worker: see _remote_run
+        f = pickle.loads(f)
+    return zip(repeat(f), items if star else zip(items), repeat(_NO_KWARGS))
 
 
 class _Outbox:
@@ -779,14 +940,15 @@ class _Outbox:
         self.ends = mem[_ENDS_AT:_DATA_AT]
         self.data = mem[_DATA_AT:]
 
-    def run(self, batch, each):
-        """Run a message's tasks, journal each answer, send them all (and some on the way)."""
+    def run(self, calls, n, each):
+        """Run a message's n tasks, journal each answer, send them all (and some on the way)."""
         ends, data, room = self.ends.cast("Q"), self.data, len(self.data)
         dumps = pickle.dumps
         count = end = 0
-        plain = True  # every answer in the journal is a result
+        plain = True  # every answer in the journal is a pickled result
+        values = []   # the results themselves, while they are all _SCALAR; else None
         started = flushed = monotonic()
-        for entry in batch:
+        for entry in calls:
             kind = _DONE
             try:
                 f, args, kwargs = pickle.loads(entry) if entry.__class__ is bytes else entry
@@ -795,15 +957,18 @@ class _Outbox:
                 kind, blob = _FAILED, dumps(_describe(exc), -1)
             else:
                 try:
-                    blob = dumps(value, -1)
+                    if value.__class__ in _SCALARS:
+                        kind, blob = _SCALAR, marshal.dumps(value)
+                    else:
+                        blob = dumps(value, -1)
                 except BaseException as exc:
                     error = TypeError(f"the result of {_short(Task(f, *args, **kwargs))}, a "
                                       f"{type(value).__name__}, can't be pickled to be sent back: {exc}")
                     kind, blob = _FAILED, dumps(_describe(error), -1)
             stop = end + len(blob)
             if stop > room or count == _ENTRIES:  # full: send what it holds first
-                self.flush(count, end, plain)
-                count, end, stop, plain = 0, 0, len(blob), True
+                self.flush(count, end, plain, values)
+                count, end, stop, plain, values = 0, 0, len(blob), True, []
             if stop > room:  # too large for the journal: it goes on its own, straight away
                 self.send_alone(kind, blob)
             else:
@@ -811,14 +976,20 @@ class _Outbox:
                 ends[count] = stop << 3 | kind  # written last: only now does the answer count
                 end = stop
                 count += 1
-                plain = plain and kind == _DONE
+                if kind != _DONE:
+                    plain = False
+                if values is not None:
+                    if kind == _SCALAR:
+                        values.append(value)
+                    else:
+                        values = None
             # With a timeout the parent must see each task end: it times the next from there.
             if each or (count & 7 == 0 and monotonic() - flushed > _FLUSH_SECONDS):
-                self.flush(count, end, plain)
+                self.flush(count, end, plain, values)
                 count = end = 0
-                plain = True
+                plain, values = True, []
                 flushed = monotonic()
-        self.flush(count, end, plain, (monotonic() - started) / len(batch))  # this sizes later batches
+        self.flush(count, end, plain, values, (monotonic() - started) / n)  # this sizes later batches
 
     def note_received(self):
         """Tell the parent, should this process die, that the tasks of the message just read began."""
@@ -829,18 +1000,25 @@ class _Outbox:
         """Send an answer that is not a task's: ready, init failed, unreadable message."""
         self.send_alone(kind, pickle.dumps(value, -1))
 
-    def flush(self, count, end, plain, spent=-1.0):
+    def flush(self, count, end, plain, values, spent=-1.0):
+        """Send the journal's answers: as one pickled list where they are all plain results."""
         if count or spent >= 0:
-            size = _ANSWERS.size + 8 * count + end
-            self.link.write([_U64.pack(size) + _ANSWERS.pack(count, plain, spent),
-                                   self.ends[:8 * count], self.data[:end]])
+            if values:
+                listed = pickle.dumps(values, -1)
+                self.link.write([_U64.pack(_ANSWERS.size + len(listed)) +
+                                 _ANSWERS.pack(count, _LISTED, spent), listed])
+            else:
+                form = _RESULTS if plain else _MIXED
+                size = _ANSWERS.size + 8 * count + end
+                self.link.write([_U64.pack(size) + _ANSWERS.pack(count, form, spent),
+                                 self.ends[:8 * count], self.data[:end]])
             self.ends[:8 * count] = bytes(8 * count)  # empty the journal first, then renumber it
             self.number += count
             _U64.pack_into(self.head, 0, self.number)
 
     def send_alone(self, kind, blob):
         size = _ANSWERS.size + 8 + len(blob)
-        self.link.write([_U64.pack(size) + _ANSWERS.pack(1, kind == _DONE, -1.0),
+        self.link.write([_U64.pack(size) + _ANSWERS.pack(1, _RESULTS if kind == _DONE else _MIXED, -1.0),
                                _U64.pack(len(blob) << 3 | kind), blob])
         self.number += 1
         _U64.pack_into(self.head, 0, self.number)
@@ -1110,7 +1288,7 @@ class _Scheduling:
             holds = w.holds.copy() if w.msgs else w.holds
             message = None
             while message is None:  # None: none of those could be pickled; try the next ones
-                jobs = self._next_batch(w)
+                jobs = self._next_batch(self._batch_size(w))
                 if not jobs:
                     return
                 message = self._pickle_batch(jobs, holds)
@@ -1144,15 +1322,23 @@ class _Scheduling:
                 except OSError:
                     pass
 
-    def _next_batch(self, w):
-        """Take the next tasks off the queue: as many as make a few milliseconds of work."""
-        n = 1
-        if self.avg is not None:
-            n = max(1, min(_MAX_BATCH, int(_BATCH_SECONDS / max(self.avg, 1e-7))))
-            if n > 1:  # near the end, smaller: the last batches spread over all workers
-                n = max(1, min(n, ceil(self._pending_count(2 * self.size * n) / (2 * self.size))))
-        if w.left is not None:
-            n = min(n, w.left)
+    def _batch_size(self, w):
+        """How many tasks w gets next: as many as make a few milliseconds of work."""
+        n = self._tasks_for(_BATCH_SECONDS, _MAX_BATCH)
+        return n if w.left is None else min(n, w.left)
+
+    def _tasks_for(self, seconds, most):
+        """How many tasks make `seconds` of work, as far as they have been measured; fewer near
+        the end of the queue, so that the last of them spread over all the workers."""
+        if self.avg is None:
+            return 1
+        n = max(1, min(most, int(seconds / max(self.avg, 1e-7))))
+        if n > 1:
+            n = max(1, min(n, ceil(self._pending_count(2 * self.size * n) / (2 * self.size))))
+        return n
+
+    def _next_batch(self, n):
+        """Take the next n tasks off the queue (fewer if there are fewer)."""
         jobs, count, pending = [], 0, self.pending
         while pending and count < n:
             job = pending[0]
@@ -1184,16 +1370,10 @@ class _Scheduling:
 
         holds: what the worker holds of the globals of functions sent by value (see _pickle)."""
         each = any(j.owner.timeout is not None for j in jobs)
-        entries = []
-        for job in jobs:
-            if job.payload is not None:
-                entries.append(job.payload)
-            elif job.owner.plain:
-                entries.extend([(t.f, t.args, t.kwargs) for t in job.owner.items[job.start:job.stop]])
-            else:
-                entries.extend([_entry(t) for t in job.owner.items[job.start:job.stop]])
+        runs = [(None, False, [j.payload]) if j.payload is not None else j.owner.run(j.start, j.stop)
+                for j in jobs]
         try:
-            return _pickle((each, entries), self.forked_main, holds)
+            return _pickle((each, runs), self.forked_main, holds)
         except _TASK_ERRORS:
             pass
         # Some task can't travel: pickle them one by one, fail that one, send the others.
@@ -1204,21 +1384,27 @@ class _Scheduling:
                 if single is not None:
                     singles.append(single)
         jobs[:] = singles
-        return _pickle((each, [j.payload for j in singles])) if singles else None
+        return _pickle((each, [(None, False, [j.payload]) for j in singles])) if singles else None
 
     def _single(self, owner, slot, payload=None):
         """A job of one task, pickled alone; None if it can't be, and then it has failed."""
         try:
-            task = _entry_task(owner.items[slot])
+            task = owner.task(slot)
             return _Job(owner, slot, slot + 1, payload or _pickle_task(task, self.forked_main))
         except UnpicklableTaskError as exc:
-            failure = _Failure.of(exc)
-            if isinstance(owner, _Call):
-                owner.abort(failure)  # execute() raises it: a task that can't be sent is bad input
-                self._forget(owner)
-            else:
-                owner.deliver(slot, False, failure)
+            self._refuse(owner, slot, slot + 1, exc)
             return None
+
+    def _refuse(self, owner, start, stop, error):
+        """Tasks that can't be sent: an execute() or map() raises the error (bad input); each
+        other task gets it as its own error."""
+        failure = _Failure.of(error)
+        if isinstance(owner, _Call):
+            owner.abort(failure)
+            self._forget(owner)
+        else:
+            for slot in range(start, stop):
+                owner.deliver(slot, False, failure)
 
     def _forget(self, owner):
         """Drop the queued jobs of an aborted execute(); results of the others are ignored."""
@@ -1258,15 +1444,17 @@ class _Answers:
 
     def _take(self, w, frame, now):
         """Deliver the answers in one of a worker's frames: the hot path, a few C calls per frame."""
-        count, plain, spent = _ANSWERS.unpack_from(frame, 0)
+        count, form, spent = _ANSWERS.unpack_from(frame, 0)
         if spent >= 0:
             self.avg = spent if self.avg is None else self.avg + 0.3 * (spent - self.avg)
         w.received += count
+        if form == _LISTED:
+            return self._deliver(w, pickle.loads(memoryview(frame)[_ANSWERS.size:]), now)
         data_at = _ANSWERS.size + 8 * count
         ends = struct.unpack_from(f"<{count}Q", frame, _ANSWERS.size)
         stops = list(map(add, map(rshift, ends, repeat(3)), repeat(data_at)))  # end << 3 | kind
         starts = [data_at] + stops[:-1]
-        if plain:  # all are results: unpickle them with no Python loop
+        if form == _RESULTS:  # unpickle them with no Python loop
             try:
                 values = list(map(pickle.loads, map(memoryview(frame).__getitem__, map(slice, starts, stops))))
             except _TASK_ERRORS:
@@ -1296,13 +1484,13 @@ class _Answers:
 
     def _take_one(self, w, kind, blob, now):
         try:
-            value = pickle.loads(blob)
+            value = marshal.loads(blob) if kind == _SCALAR else pickle.loads(blob)
         except _TASK_ERRORS as exc:  # a result the parent can't unpickle: an error of that task
             job = w.jobs[0]
-            task = _entry_task(job.owner.items[job.start])
+            task = job.owner.task(job.start)
             value = _describe(TypeError(f"the result of {_short(task)} can't be unpickled here: {exc}"))
             kind = _FAILED
-        if kind == _DONE:
+        if kind == _DONE or kind == _SCALAR:
             return self._deliver(w, [value], now)
         if kind == _FAILED:
             owner, slot = _pop_head(w.jobs)
@@ -1411,7 +1599,7 @@ class _Faults:
             self.pending.extendleft(reversed(jobs))
         elif jobs:
             owner, slot = jobs[0].owner, jobs[0].start
-            task = _entry_task(owner.items[slot])
+            task = owner.task(slot)
             if w.overdue is not None:
                 failure = _Failure.of(TimeoutError(f"{_short(task)} did not finish within "
                                                    f"{owner.timeout} s; its worker process was stopped"))
@@ -1477,7 +1665,7 @@ class _Pool(_Scheduling, _Answers, _Faults):
     """
 
     def __init__(self, ctx, size, init, max_tasks, init_label, drain_at_exit=False):
-        if _MAX_WORKERS is not None and size > _MAX_WORKERS:
+        if ctx is not None and _MAX_WORKERS is not None and size > _MAX_WORKERS:
             raise ValueError(f"at most {_MAX_WORKERS} workers on this system, not {size}")
         self.ctx = ctx
         self.size = size
@@ -1501,7 +1689,7 @@ class _Pool(_Scheduling, _Answers, _Faults):
         self.avg = None          # smoothed seconds per task, as the workers measure it
         self._missing = 0        # workers to start: replacements of those that ended
         self._arrivals = 0       # jobs handed over so far: see _Worker.holds
-        self.fork = ctx.get_start_method() == "fork"
+        self.fork = ctx is not None and ctx.get_start_method() == "fork"
         self.forked_main = None  # fork: the classes of __main__ the workers inherit (see _pickle)
         self._boot_deaths = 0
 
@@ -1531,11 +1719,7 @@ class _Pool(_Scheduling, _Answers, _Faults):
                     raise
                 self._init = (init.f, init.args, init.kwargs)  # a forked worker inherits it
         self._lifeline, self._lifeline_end = self.ctx.Pipe(duplex=False)
-        self._wake_r, self._wake_w = socket.socketpair()
-        for end in (self._wake_r, self._wake_w):
-            end.setblocking(False)
-        self._selector = _Selector()  # what the engine sleeps on: see _turn
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._open_wake_up()
         try:
             for _ in range(self.size):
                 self._spawn()
@@ -1543,6 +1727,16 @@ class _Pool(_Scheduling, _Answers, _Faults):
             self._stop_workers(0)
             self._close_files()
             raise
+        self._start_engine()
+
+    def _open_wake_up(self):
+        self._wake_r, self._wake_w = socket.socketpair()
+        for end in (self._wake_r, self._wake_w):
+            end.setblocking(False)
+        self._selector = _Selector()  # what the engine sleeps on: see _turn
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+
+    def _start_engine(self):
         atexit.register(self._at_exit)
         self.thread = threading.Thread(target=self._run, name="mplite-engine", daemon=True)
         self.thread.start()
@@ -1553,6 +1747,10 @@ class _Pool(_Scheduling, _Answers, _Faults):
         if self.failure is not None:
             raise self.failure
 
+    def payload(self, task):
+        """A submit()ted task as it travels, pickled now: it fails here, naming the task, if it can't."""
+        return _pickle_task(task, self.forked_main)
+
     def put(self, request):
         """Hand the engine a _Job to run, or a command (a callable) to run on its thread."""
         with self._lock:
@@ -1561,6 +1759,16 @@ class _Pool(_Scheduling, _Answers, _Faults):
             self._requests.append(request)
         if self._asleep:
             self._wake()
+
+    def drop(self, calls):
+        """Drop calls nobody waits for any more (an imap() left early): their queued tasks go,
+        results of those already sent are ignored."""
+        for call in calls:
+            call.cancelled = True
+        try:
+            self.put(lambda: [self._forget(call) for call in calls])
+        except RuntimeError:  # the pool has stopped: nothing is left to drop
+            pass
 
     def refusal(self):
         """The error for a request that comes after the pool closed."""
@@ -1641,7 +1849,7 @@ class _Pool(_Scheduling, _Answers, _Faults):
             if request.__class__ is not _Job:
                 request()  # a command
                 continue
-            if request.owner.__class__ is _Call:
+            if getattr(request.owner, "fresh", False):
                 self.avg = None  # a new call may bring tasks of another size: measure afresh
             self._arrivals += 1
             self.pending.append(request)
@@ -1665,10 +1873,7 @@ class _Pool(_Scheduling, _Answers, _Faults):
         atexit.unregister(self._at_exit)
         if error is None:
             error = RuntimeError("the pool was stopped before this work was done")
-        jobs = [r for r in requests if r.__class__ is _Job] + list(self.pending)
-        jobs += self.parked[0] if self.parked else []
-        for w in self.workers:
-            jobs += w.jobs
+        jobs = [r for r in requests if r.__class__ is _Job] + list(self.pending) + self._held_jobs()
         for owner in {id(j.owner): j.owner for j in jobs}.values():
             owner.stopped(error)
         self.inbox.close(error)
@@ -1677,6 +1882,13 @@ class _Pool(_Scheduling, _Answers, _Faults):
         self.ready.set()
         self._stop_workers(self._closing[0] if self._closing else 0)
         self._close_files()
+
+    def _held_jobs(self):
+        """The jobs taken off the queue and not finished: parked, or held by workers."""
+        jobs = list(self.parked[0]) if self.parked else []
+        for w in self.workers:
+            jobs += w.jobs
+        return jobs
 
     def _close_files(self):
         for f in (self._lifeline, self._lifeline_end, self._selector, self._wake_r, self._wake_w):
@@ -1776,6 +1988,300 @@ def _wait_for_exit(processes, seconds):
         wait([p.sentinel for p in alive], left)
         alive = [p for p in alive if p.exitcode is None]
     return alive
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers elsewhere: TaskManager(executor=...) on any concurrent.futures executor
+#
+# The same engine and the same owners, with submissions to an executor (dask's
+# client.get_executor(), say) in place of worker processes. The engine thread still owns every
+# record: `sent` says which submission holds which task; a future's callback only hands its
+# outcome back as a command. What differs, and why:
+#
+#   - A submission is one call of _run_remote(token, runs), many tasks at once: an executor
+#     costs milliseconds a submission (dask 3-6 ms), so tasks travel in batches of about
+#     _REMOTE_BATCH_SECONDS of measured work, one at a time while unmeasured or when long.
+#     Arguments are positional only (dask keeps some keywords, `key` or `pure`, for itself),
+#     and the token makes each submission unique (dask runs identical "pure" calls once).
+#   - A task's outcome is made where it ran: its result, or its traceback as text with the
+#     exception pickled, so it survives any serializer.
+#   - When the executor fails a whole submission (a worker died: dask's KilledWorker, a
+#     BrokenProcessPool), its tasks become suspects: they run again one at a time with nothing
+#     else of this manager in flight, and a task is blamed only when it fails alone. So a task
+#     may run more than once there (dask itself also reruns work of a dead worker).
+#   - A timeout can't stop a remote task. The task gets its TimeoutError at the deadline, and
+#     its submission keeps its place in flight until the executor is done with it: tasks with
+#     a timeout go one per submission, at most one per worker, so none waits behind a stuck
+#     one and times out for its sake.
+#   - Before the first submission of a module's function, a probe checks that the executor's
+#     workers can import it (and mplite): bytes that unpickle there as the module's name,
+#     standard-library code only. dask hangs on a task it can't unpickle; this fails clearly.
+#   - A future is let go as soon as its outcome is in: dask recomputes the results it still
+#     holds when their worker dies.
+# ---------------------------------------------------------------------------------------------
+
+_REMOTE_BATCH_SECONDS = 0.2
+_REMOTE_MAX_BATCH = 100_000
+_submissions = itertools.count(1)
+_NONCE = os.urandom(8).hex()  # with the pid and a count: unique to each submission anywhere
+
+
+def _run_remote(token, runs):
+    """A submission's tasks, run wherever the executor runs it: (results, {index: failure},
+    seconds). token: what makes the submission unique, unused here."""
+    started = monotonic()
+    results, failures = [], {}
+    for i, entry in enumerate(_calls(runs)):
+        try:
+            f, args, kwargs = pickle.loads(entry) if entry.__class__ is bytes else entry
+            results.append(f(*args, **kwargs))
+        except BaseException as exc:  # SystemExit too: it ends the task, not the executor's worker
+            results.append(None)
+            failures[i] = _describe(exc)
+    return results, failures, monotonic() - started
+
+
+def _import_probe(name):
+    """Bytes that unpickle, anywhere, as `name` once that module is imported."""
+    class Module:
+        def __reduce__(self):
+            return importlib.import_module, (name,)
+
+    class Name:
+        def __reduce__(self):
+            return getattr, (Module(), "__name__")
+
+    return pickle.dumps(Name(), 2)
+
+
+class _Sent:
+    """One submission to an executor: its future, the jobs it holds, when it must end."""
+    __slots__ = ("jobs", "count", "deadline", "alone", "abandoned")
+
+    def __init__(self, jobs, count, deadline, alone):
+        self.jobs = jobs
+        self.count = count
+        self.deadline = deadline
+        self.alone = alone       # a suspect, run on its own: a failure is its own
+        self.abandoned = False   # past its deadline: its task has its TimeoutError
+
+
+class _ExecutorPool(_Pool):
+    """The engine with an executor's workers in place of its own (see above). size: how many
+    submissions may run at once (twice that are in flight, so that none waits for the next)."""
+
+    def __init__(self, executor, size):
+        super().__init__(None, size, None, None, init_label="worker_init")
+        self.executor = executor
+        self.sent = {}            # future -> _Sent: the submissions in flight
+        self.suspects = deque()   # one-task jobs of submissions the executor failed
+        self.probes = {}          # module -> True (importable there), None (probing), ImportError
+
+    def start(self):
+        self.pid = os.getpid()
+        self._open_wake_up()
+        self.ready.set()
+        self._start_engine()
+
+    def payload(self, task):
+        _check_functions([task], None)  # the executor pickles it, as it does
+        return None
+
+    # -- scheduling ------------------------------------------------------------------------------
+
+    def _dispatch(self):
+        while self.suspects or self.pending:
+            if self.suspects:
+                return self._submit_suspect()
+            timed = self.pending[0].owner.timeout is not None
+            if len(self.sent) >= (self.size if timed else 2 * self.size):
+                return
+            jobs = self._next_batch(1 if timed else self._tasks_for(_REMOTE_BATCH_SECONDS, _REMOTE_MAX_BATCH))
+            jobs = self._importable_there(jobs)
+            if jobs is None:
+                return  # probing: the jobs are back in the queue
+            if jobs:
+                self._submit(jobs, alone=False)
+
+    def _submit_suspect(self):
+        if any(not sent.abandoned for sent in self.sent.values()):
+            return  # nothing else of ours may run beside a suspect
+        job = self.suspects.popleft()
+        self._submit([job], alone=True)
+
+    def _submit(self, jobs, alone):
+        runs = [self._remote_run(job) for job in jobs]
+        token = (_NONCE, os.getpid(), next(_submissions))
+        try:
+            future = self.executor.submit(_run_remote, token, runs)
+        except Exception as exc:  # shut down, or broken for good (a stdlib pool whose worker died)
+            self.pending.extendleft(reversed(jobs))
+            raise BrokenProcessPool(f"the executor refused work: {exc!r}") from exc
+        timeout = jobs[0].owner.timeout if len(jobs) == 1 and jobs[0].stop - jobs[0].start == 1 else None
+        self.sent[future] = _Sent(jobs, sum(j.stop - j.start for j in jobs),
+                                  None if timeout is None else monotonic() + timeout, alone)
+        future.add_done_callback(self._landed_later)
+
+    def _remote_run(self, job):
+        """A job's run for _run_remote: functions the executor's workers can't import by name
+        (lambdas, notebook functions) travel pickled by mplite, by value."""
+        f, star, items = job.owner.run(job.start, job.stop)
+        if f is None:
+            return None, False, [_pickle(entry) if _by_value(entry[0]) else entry for entry in items]
+        return (_pickle(f) if _by_value(f) else f), star, items
+
+    # -- the import probe ------------------------------------------------------------------------
+
+    def _importable_there(self, jobs):
+        """The jobs whose modules the executor's workers can import; None while that is being
+        found out (the jobs are queued again). Jobs of a module they can't import fail."""
+        ready = []
+        for job in jobs:
+            states = [self._probe(name) for name in self._modules(job)]
+            error = next((state for state in states if isinstance(state, ImportError)), None)
+            if error is not None:
+                self._refuse(job.owner, job.start, job.stop, error)
+            elif None in states:
+                self.pending.extendleft(reversed(jobs[jobs.index(job):]))
+                return None
+            else:
+                ready.append(job)
+        return ready
+
+    def _modules(self, job):
+        owner = job.owner
+        f = getattr(owner, "f", None)
+        functions = [f] if f is not None else [owner.task(slot).func for slot in range(job.start, job.stop)]
+        names = {getattr(g, "__module__", None) for g in functions}
+        names -= {None, "__main__", "builtins"}
+        return ["mplite", *names]
+
+    def _probe(self, name):
+        if name in self.probes:
+            return self.probes[name]
+        self.probes[name] = None
+        try:
+            future = self.executor.submit(pickle.loads, _import_probe(name))
+        except Exception as exc:
+            raise BrokenProcessPool(f"the executor refused work: {exc!r}") from exc
+        future.add_done_callback(lambda future: self._later(self._probed, name, future))
+        return None
+
+    def _probed(self, name, future):
+        error = None if future.cancelled() else future.exception()
+        if isinstance(error, ImportError):
+            where = f"client.upload_file({name!r} + '.py')" if name != "mplite" else "client.upload_file(mplite.__file__)"
+            self.probes[name] = ImportError(
+                f"the executor's workers can't import the module {name!r}: {error}. Make it importable "
+                f"there: install it on every worker, or with dask, {where}", name=name)
+        else:
+            self.probes[name] = True  # imported (or another error, which the tasks will meet)
+
+    # -- outcomes --------------------------------------------------------------------------------
+
+    def _landed_later(self, future):
+        self._later(self._landed, future)
+
+    def _later(self, command, *args):
+        """From an executor's thread: have the engine thread run command(*args)."""
+        try:
+            self.put(functools.partial(command, *args))
+        except RuntimeError:  # the pool has stopped: nobody waits for it
+            pass
+
+    def _landed(self, future):
+        sent = self.sent.pop(future, None)
+        if sent is None or sent.abandoned:
+            return  # stopped meanwhile, or past its deadline: its task has its error
+        error = futures.CancelledError() if future.cancelled() else future.exception()
+        if error is None:
+            results, failures, spent = future.result()
+            del future
+            self.avg = spent / sent.count if self.avg is None else self.avg + 0.3 * (spent / sent.count - self.avg)
+            self._deliver_outcomes(sent.jobs, results, failures)
+        elif sent.alone:
+            job = sent.jobs[0]
+            died = (f"{_short(job.owner.task(job.start))} failed on the executor, which gave: "
+                    f"{type(error).__name__}: {reprlib.repr(str(error))[1:-1]}")
+            failure = _Failure.of(WorkerDiedError(died))
+            failure.exc.__cause__ = error  # raised in exception mode: the executor's own error
+            self._finish(job.owner, job.start, False, failure)
+        else:
+            for job in sent.jobs:  # run each alone, to find which one it was
+                self.suspects.extend(_Job(job.owner, slot, slot + 1) for slot in range(job.start, job.stop))
+
+    def _deliver_outcomes(self, jobs, results, failures):
+        i = 0
+        for job in jobs:
+            owner, n = job.owner, job.stop - job.start
+            if owner.plain and not failures:
+                owner.deliver_results(job.start, results[i:i + n])
+            else:
+                for k in range(n):
+                    failure = failures.get(i + k)
+                    if failure is None:
+                        self._finish(owner, job.start + k, True, results[i + k])
+                    else:
+                        self._finish(owner, job.start + k, False, _Failure(*failure))
+            i += n
+
+    # -- faults, and the end ---------------------------------------------------------------------
+
+    def _enforce_timeouts(self, now):
+        soonest = None
+        for sent in self.sent.values():
+            if sent.deadline is None or sent.abandoned:
+                continue
+            if now >= sent.deadline:
+                sent.abandoned = True
+                job = sent.jobs[0]
+                self._finish(job.owner, job.start, False, _Failure.of(TimeoutError(
+                    f"{_short(job.owner.task(job.start))} did not finish within {job.owner.timeout} s "
+                    f"(it may still be running on the executor, which can't stop it)")))
+            elif soonest is None or sent.deadline < soonest:
+                soonest = sent.deadline
+        return None if soonest is None else soonest - now
+
+    def _forget(self, owner):
+        super()._forget(owner)
+        self.suspects = deque(j for j in self.suspects if j.owner is not owner)
+
+    def _idle(self):
+        return not (self.pending or self.suspects or self._requests
+                    or any(not sent.abandoned for sent in self.sent.values()))
+
+    def _held_jobs(self):
+        jobs = list(self.suspects)
+        for sent in self.sent.values():
+            if not sent.abandoned:
+                jobs += sent.jobs
+        return jobs
+
+    def _stop_workers(self, grace):
+        """The executor is the user's, and goes on: only this manager's submissions are cancelled."""
+        for future in self.sent:
+            future.cancel()
+        self.sent.clear()
+
+    def _close_files(self):
+        for f in (self._selector, self._wake_r, self._wake_w):
+            f.close()
+
+
+def _by_value(f):
+    """Must f travel by value to an executor's workers? Only a function they can't import."""
+    return type(f) is types.FunctionType and not _by_name(f)
+
+
+def _executor_slots(executor):
+    """How many tasks an executor runs at once: its max_workers, or a dask client's threads."""
+    n = getattr(executor, "_max_workers", None)
+    if isinstance(n, int) and n > 0:
+        return n
+    try:  # dask's ClientExecutor: its client knows its cluster (mplite never imports dask)
+        return max(1, sum(executor._client.nthreads().values()))
+    except Exception:
+        return _usable_cpus()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2212,13 +2718,20 @@ def _entry(item):
     return task.f, task.args, task.kwargs
 
 
+def _mappable(f):
+    """A Task of f alone, for _check_functions; or why f can't be mapped."""
+    if not callable(f):
+        raise TypeError(f"map needs a callable, not {f!r}")
+    return Task(f)
+
+
 def _check_functions(items, forked_main):
     """Refuse a call whose function can't travel, even by value, before any task is sent: that
     is the usual case. Arguments are checked as their batches are pickled."""
     try:  # one task for each distinct function
-        functions = dict(zip(map(id, map(attrgetter("f"), items)), items))
-    except AttributeError:  # there are chains: look at their tasks
-        functions = {id(_entry_task(item).f): item for item in items}
+        functions = dict(zip(map(id, map(_task_func, items)), items))
+    except TypeError:  # there are chains: look at their tasks
+        functions = {id(_entry_task(item).func): item for item in items}
     for item in functions.values():
         task = _entry_task(item)
         try:
