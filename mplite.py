@@ -275,13 +275,13 @@ class TaskManager:
         pool = self._running()
         tasks = _task_list(tasks)
         _check_functions(tasks, pool.forked_main)
-        return self._call(pool, _Call(tasks, self._timeout(timeout), self._raises), tqdm, pbar, progress)
+        return self._call(pool, _Call(tasks, self._timeout(timeout), self._errors), tqdm, pbar, progress)
 
     def map(self, f, iterable, *, progress=False, timeout=_DEFAULT):
         """``execute([Task(f, x) for x in iterable])``: the results of f(x), in order."""
         pool = self._running()
         _check_functions([_mappable(f)], pool.forked_main)
-        return self._call(pool, _Mapped(list(iterable), self._timeout(timeout), self._raises, f),
+        return self._call(pool, _Mapped(list(iterable), self._timeout(timeout), self._errors, f),
                           None, None, progress)
 
     def imap(self, f, iterable, *, timeout=_DEFAULT):
@@ -313,50 +313,23 @@ class TaskManager:
         return call.results
 
     def _stream(self, pool, f, inputs, timeout):
-        """imap(): the input goes out in chunks, each a _Mapped call, kept at most a window
-        ahead of the results taken. The window starts at a few tasks per worker and grows with
-        the results taken, up to a limit: what is read ahead stays bounded, and small only
-        for a consumer that takes few results."""
+        """imap(): the window starts at a few tasks per worker and grows with the results
+        taken, up to a limit: what is read ahead stays bounded, and small for a consumer that
+        takes few results."""
         _refuse_on_engine_thread(pool)
-        calls = deque()  # chunks sent and not yet taken, in input order
-        taken = ahead = 0  # results taken; inputs read and not yet taken
         limit = 4 * _MAX_BATCH * self._cpu_count
-        error = None  # what the input raised: raised after the results of the items before it
-        try:
-            while True:
-                window = min(limit, max(4 * self._cpu_count, taken))
-                while error is None and inputs is not None and ahead < window:
-                    chunk = []
-                    try:
-                        chunk.extend(itertools.islice(inputs, min(max(1, window // 4), window - ahead)))
-                    except Exception as exc:  # the items read before it are in the chunk
-                        error = exc
-                    if not chunk:
-                        inputs = None  # exhausted (or it raised at once)
-                        break
-                    call = _Mapped(chunk, timeout, self._raises, f, fresh=not (taken or calls))
-                    pool.put(_Job(call, 0, len(chunk)))
-                    calls.append(call)
-                    ahead += len(chunk)
-                if not calls:
-                    if error is not None:
-                        raise error
-                    return
-                call = calls[0]
-                self._wait(pool, call.wait, None)
-                if call.failure is not None:
-                    raise call.failure.exception()
-                calls.popleft()
-                ahead -= len(call.results)
-                taken += len(call.results)
-                yield from call.results
-        finally:
-            if calls:  # left early: drop the rest
-                pool.drop(calls)
+        stream = _Stream(pool, f, False, inputs, timeout,
+                         lambda taken: min(limit, max(4 * self._cpu_count, taken)))
+        yield from stream.results(lambda call: self._wait(pool, call.wait, None), self._unpack_failure)
+
+    def _unpack_failure(self, failure):
+        if self.error_mode == "exception":
+            raise failure.exception()
+        return failure.text
 
     @property
-    def _raises(self):
-        return self.error_mode == "exception"
+    def _errors(self):
+        return "raise" if self.error_mode == "exception" else "text"
 
     def _timeout(self, timeout):
         return self.timeout if timeout is _DEFAULT else _seconds(timeout, "timeout")
@@ -438,9 +411,7 @@ class TaskManager:
         item, ok, value = finished
         if ok:
             return item, value
-        if self.error_mode == "exception":
-            raise value.exception()
-        return item, value.text
+        return item, self._unpack_failure(value)
 
 
 def _refuse_on_engine_thread(pool):
@@ -510,20 +481,25 @@ class ProcessPoolExecutor(futures.Executor):
         if buffersize is not None and buffersize < 1:
             raise ValueError("buffersize must be None or > 0")
         deadline = None if timeout is None else monotonic() + timeout
-        calls = zip(*iterables)
-        pending = deque(self.submit(fn, *args) for args in itertools.islice(calls, buffersize))
-        return self._results(pending, calls if buffersize else None, fn, deadline)
+        with self._shutdown_lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+        _check_functions([_mappable(fn)], self._pool.forked_main)
+        # Calls travel in chunks (of _Mapped), not a Future each. With no buffersize, all of
+        # them are sent now, as the standard library's map() does.
+        stream = _Stream(self._pool, fn, True, zip(*iterables), self._timeout,
+                         lambda taken: buffersize or sys.maxsize)
+        if buffersize is None:
+            stream.top_up()
+            if stream.error is not None:
+                self._pool.drop(stream.calls)
+                raise stream.error
 
-    def _results(self, pending, more, fn, deadline):
-        try:
-            while pending:
-                if more is not None:  # one out, one in
-                    for args in itertools.islice(more, 1):
-                        pending.append(self.submit(fn, *args))
-                yield _result_or_cancel(pending.popleft(), deadline)
-        finally:
-            for future in pending:
-                future.cancel()
+        def wait(call):
+            if not call.done.wait(None if deadline is None else max(0.0, deadline - monotonic())):
+                raise futures.TimeoutError()
+
+        return stream.results(wait, _raise_remote)
 
     def shutdown(self, wait=True, *, cancel_futures=False):
         """No more submit(); pending futures still run (unless cancel_futures), then the workers
@@ -546,11 +522,17 @@ class ProcessPoolExecutor(futures.Executor):
         return False
 
 
-def _result_or_cancel(future, deadline):
-    try:
-        return future.result(None if deadline is None else deadline - monotonic())
-    finally:
-        future.cancel()  # does nothing once it is done; a wait that failed leaves it unwanted
+def _raise_remote(failure):
+    """Raise a task's failure as the standard library's executor does: with the worker's
+    traceback as text in __cause__ (and, from mplite, its frames in the traceback)."""
+    raise _remote_exception(failure)
+
+
+def _remote_exception(failure):
+    exc = failure.exception()
+    if failure.frames and exc.__cause__ is None:
+        exc.__cause__ = _RemoteTraceback(f'\n"""\n{failure.text}\n"""')
+    return exc
 
 
 class UnpicklableTaskError(TypeError, pickle.PicklingError):
@@ -579,6 +561,7 @@ _TIMED_OUT = object()
 # alone (SystemExit too: a __reduce__ that calls sys.exit() must not stop mplite's engine).
 _TASK_ERRORS = (Exception, SystemExit)
 _REDRAW_SECONDS = 0.1  # how often a waiting execute() redraws its progress bar
+_STREAM_CHUNK = 4096   # the most tasks a streamed map's chunk holds
 
 
 class _Owner:
@@ -603,22 +586,27 @@ class _Owner:
 
 
 class _Call(_Owner):
-    """One execute() call: its tasks, their results in input order, and how many are to come."""
-    __slots__ = ("items", "results", "left", "timeout", "raise_errors", "plain", "f", "fresh",
-                 "failure", "cancelled", "shown", "done")
+    """One execute() call: its tasks, their results in input order, and how many are to come.
 
-    def __init__(self, items, timeout, raise_errors, f=None, fresh=True):
+    errors: what a task's error does: "text" puts its traceback text in its place, "raise"
+    fails the call (execute() raises it), "keep" puts the _Failure itself in its place.
+    """
+    __slots__ = ("items", "results", "left", "timeout", "errors", "plain", "f", "fresh",
+                 "failure", "kept", "cancelled", "shown", "done")
+
+    def __init__(self, items, timeout, errors, f=None, fresh=True):
         self.items = items  # what runs next for each slot: a Task, or a TaskChain's current step
         self.results = [None] * len(items)
         self.left = len(items)
         self.timeout = timeout
-        self.raise_errors = raise_errors
+        self.errors = errors
         self.plain = f is not None or set(map(type, items)) == {Task}  # no chains: results go straight in
         self.f = f  # the one function of every task, which have no keyword arguments; or None
         if f is None and self.plain and len(set(map(_task_func, items))) == 1 and not any(map(_task_keywords, items)):
             self.f = items[0].func
         self.fresh = fresh  # its tasks may differ from those before: measure their length afresh
         self.failure = None
+        self.kept = False  # a _Failure is among the results ("keep")
         self.cancelled = False
         self.shown = 0
         self.done = threading.Event()
@@ -649,8 +637,11 @@ class _Call(_Owner):
             return
         if ok:
             self.results[slot] = value
-        elif self.raise_errors:
+        elif self.errors == "raise":
             return self.abort(value)
+        elif self.errors == "keep":
+            self.results[slot] = value
+            self.kept = True
         else:
             self.results[slot] = value.text
         self.left -= 1
@@ -674,14 +665,81 @@ class _Call(_Owner):
 
 
 class _Mapped(_Call):
-    """One map() call, or a chunk of an imap(): f(x) for each x of items, no Task made for each."""
-    __slots__ = ()
+    """One map() call, or a chunk of a streamed one: f(x) (or with star, f(*x)) for each x of
+    items, with no Task made for each."""
+    __slots__ = ("star",)
+
+    def __init__(self, items, timeout, errors, f, fresh=True, star=False):
+        super().__init__(items, timeout, errors, f, fresh)
+        self.star = star
 
     def task(self, slot):
-        return Task(self.f, self.items[slot])
+        return Task(self.f, *self.items[slot]) if self.star else Task(self.f, self.items[slot])
 
     def run(self, start, stop):
-        return self.f, False, self.items[start:stop]
+        return self.f, self.star, self.items[start:stop]
+
+
+class _Stream:
+    """The results of a function over an input, in order, as an iterator, for imap() and
+    ProcessPoolExecutor.map(). The input goes out in chunks, each a _Mapped call, at most a
+    window ahead of the results taken; window(taken) says how far."""
+
+    def __init__(self, pool, f, star, inputs, timeout, window):
+        self.pool = pool
+        self.f, self.star, self.timeout = f, star, timeout
+        self.inputs = inputs  # None once it is exhausted
+        self.window = window
+        self.calls = deque()  # chunks sent and not yet taken, in input order
+        self.taken = 0        # results taken
+        self.ahead = 0        # inputs read and not yet taken
+        self.error = None     # what the input raised: raised after the results of the items before it
+
+    def top_up(self):
+        """Send chunks of the input until the window is full."""
+        window = self.window(self.taken)
+        while self.error is None and self.inputs is not None and self.ahead < window:
+            chunk = []
+            try:
+                chunk.extend(itertools.islice(self.inputs, min(max(1, window // 4), _STREAM_CHUNK,
+                                                               window - self.ahead)))
+            except Exception as exc:  # the items read before it are in the chunk
+                self.error = exc
+            if not chunk:
+                self.inputs = None
+                break
+            fresh = not (self.taken or self.calls)
+            call = _Mapped(chunk, self.timeout, "keep", self.f, fresh, self.star)
+            self.pool.put(_Job(call, 0, len(chunk)))
+            self.calls.append(call)
+            self.ahead += len(chunk)
+
+    def results(self, wait, raise_error):
+        """The results: wait(call) waits for a chunk; raise_error(failure) turns a task's
+        failure into what the caller raises, or returns what takes the task's place."""
+        calls = self.calls
+        try:
+            while True:
+                self.top_up()
+                if not calls:
+                    if self.error is not None:
+                        raise self.error
+                    return
+                call = calls[0]
+                wait(call)
+                if call.failure is not None:  # the pool stopped
+                    raise call.failure.exception()
+                calls.popleft()
+                self.ahead -= len(call.results)
+                self.taken += len(call.results)
+                if not call.kept:
+                    yield from call.results
+                    continue
+                for result in call.results:
+                    yield raise_error(result) if result.__class__ is _Failure else result
+        finally:
+            if calls:  # left early: drop the rest
+                self.pool.drop(calls)
 
 
 class _Submitted(_Owner):
@@ -768,10 +826,7 @@ class _FutureTask(_Owner):
     def deliver(self, slot, ok, value):
         if ok:
             return self._settle(self.future.set_result, value)
-        exc = value.exception()
-        if value.frames and exc.__cause__ is None:  # as the standard library's executor does
-            exc.__cause__ = _RemoteTraceback(f'\n"""\n{value.text}\n"""')
-        self._settle(self.future.set_exception, exc)
+        self._settle(self.future.set_exception, _remote_exception(value))
 
     def stopped(self, error):
         if not isinstance(error, BrokenProcessPool):
@@ -831,8 +886,9 @@ class _FutureTask(_Owner):
 # ---------------------------------------------------------------------------------------------
 _U64 = struct.Struct("<Q")  # frame lengths, both ways (zero asks a worker to exit), and counters
 _ANSWERS = struct.Struct("<IBd")  # a worker's frame starts: answers, their form, seconds per task
-_MIXED, _RESULTS, _LISTED = range(3)  # forms: journal entries of any kind, of _DONE results
-# only, or (for _SCALAR results only) the results as one list: one unpickle in the parent.
+_MIXED, _RESULTS, _LISTED, _STARTED = range(4)  # forms: journal entries of any kind, of _DONE
+# results only, or (for _SCALAR results only) the results as one list: one unpickle in the
+# parent; or no answers, only word that the tasks of a message begin (where one has a timeout).
 # Only immutable results are listed at flush time: another could have changed since its task.
 _SCALARS = frozenset({int, float, complex, bool, str, bytes, type(None)})
 _NO_KWARGS = {}
@@ -860,6 +916,7 @@ _PREFETCH_BYTES = 1 << 16
 # takes longer travels alone, so load balancing is not lost.
 _BATCH_SECONDS = 0.004
 _MAX_BATCH = 1024
+_UNPICKLE_SECONDS = 60  # the most a message may take to unpickle where its tasks have a timeout
 _BOOT_DEATHS = 50  # workers killed before they were ready, in a row, before we give up
 
 
@@ -901,6 +958,8 @@ def _serve_messages(link, out):
             out.post(_UNREADABLE, None)
             continue
         del message
+        if each:  # a timeout counts from here: unpickling may have imported modules for a while
+            out.started()
         out.run(_calls(runs), sum(len(run[2]) for run in runs), each)
         del runs  # the tasks' arguments are let go now, not when the next message comes
 
@@ -995,6 +1054,10 @@ class _Outbox:
         """Tell the parent, should this process die, that the tasks of the message just read began."""
         self.messages += 1
         _U64.pack_into(self.head, 8, self.messages)
+
+    def started(self):
+        """Tell the parent the message's first task starts now: an empty frame of answers."""
+        self.link.write([_U64.pack(_ANSWERS.size) + _ANSWERS.pack(0, _STARTED, -1.0)])
 
     def post(self, kind, value):
         """Send an answer that is not a task's: ready, init failed, unreadable message."""
@@ -1194,6 +1257,7 @@ class _Worker:
         self.overdue = None     # (owner, slot) of the task it was stopped for, past its timeout
         self.received = 0       # answers read from its pipe
         self.sent = 0           # messages of tasks sent to it
+        self.begun = 0          # of those, how many it said it began (_STARTED)
         self.holds = {}         # globals of by-value functions it was sent: see _pickle
         self.holds_since = 0    # the pool's arrivals when that record began
         self._buf = b""         # the start of a frame, read without its end
@@ -1420,6 +1484,8 @@ class _Scheduling:
             owner = job.owner
             if isinstance(owner, _FutureTask) and not owner.claimed:
                 owner.future.cancel()
+            elif isinstance(owner, _Mapped):  # a chunk of map(): taking it raises CancelledError
+                owner.abort(_Failure.of(futures.CancelledError()))
             else:
                 keep.append(job)
         self.pending = keep
@@ -1445,6 +1511,10 @@ class _Answers:
     def _take(self, w, frame, now):
         """Deliver the answers in one of a worker's frames: the hot path, a few C calls per frame."""
         count, form, spent = _ANSWERS.unpack_from(frame, 0)
+        if form == _STARTED:
+            w.begun += 1
+            w.since = now
+            return
         if spent >= 0:
             self.avg = spent if self.avg is None else self.avg + 0.3 * (spent - self.avg)
         w.received += count
@@ -1896,9 +1966,12 @@ class _Pool(_Scheduling, _Answers, _Faults):
 
 
 def _deadline(w):
-    """When the task w is running must be done by, or None."""
+    """When the task w is running must be done by, or None. A timeout counts from the task's
+    start: while the worker unpickles its message (which may import modules for a while,
+    more on a busy machine), only a generous limit applies."""
     if w.jobs and w.ready and w.overdue is None and w.jobs[0].owner.timeout is not None:
-        return w.since + w.jobs[0].owner.timeout
+        begun = w.begun > w.sent - len(w.msgs)  # the message at the head said it began
+        return w.since + w.jobs[0].owner.timeout + (0 if begun else _UNPICKLE_SECONDS)
     return None
 
 
@@ -2020,7 +2093,7 @@ def _wait_for_exit(processes, seconds):
 #     holds when their worker dies.
 # ---------------------------------------------------------------------------------------------
 
-_REMOTE_BATCH_SECONDS = 0.2
+_REMOTE_BATCH_SECONDS = 0.1
 _REMOTE_MAX_BATCH = 100_000
 _submissions = itertools.count(1)
 _NONCE = os.urandom(8).hex()  # with the pid and a count: unique to each submission anywhere
@@ -2141,8 +2214,8 @@ class _ExecutorPool(_Pool):
             error = next((state for state in states if isinstance(state, ImportError)), None)
             if error is not None:
                 self._refuse(job.owner, job.start, job.stop, error)
-            elif None in states:
-                self.pending.extendleft(reversed(jobs[jobs.index(job):]))
+            elif None in states:  # all of them wait, in order
+                self.pending.extendleft(reversed(ready + jobs[jobs.index(job):]))
                 return None
             else:
                 ready.append(job)
@@ -2170,7 +2243,7 @@ class _ExecutorPool(_Pool):
     def _probed(self, name, future):
         error = None if future.cancelled() else future.exception()
         if isinstance(error, ImportError):
-            where = f"client.upload_file({name!r} + '.py')" if name != "mplite" else "client.upload_file(mplite.__file__)"
+            where = f"client.upload_file({getattr(sys.modules.get(name), '__file__', None) or '<its file>'!r})"
             self.probes[name] = ImportError(
                 f"the executor's workers can't import the module {name!r}: {error}. Make it importable "
                 f"there: install it on every worker, or with dask, {where}", name=name)
