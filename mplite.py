@@ -65,7 +65,7 @@ from multiprocessing.connection import wait
 from multiprocessing.context import BaseContext
 from multiprocessing.heap import Arena
 from multiprocessing.reduction import ForkingPickler
-from operator import add, attrgetter, rshift
+from operator import add, attrgetter, is_, rshift
 from time import monotonic
 
 __version__ = "2.1.0"
@@ -79,9 +79,9 @@ __all__ = ["Task", "TaskChain", "TaskManager", "ProcessPoolExecutor", "Unpicklab
 
 _ids = itertools.count(1)
 _id_lock = threading.Lock()
-_task_func = functools.partial.func.__get__  # a Task's parts, read in C, for the engine
-_task_args = functools.partial.args.__get__
-_task_keywords = functools.partial.keywords.__get__
+_task_func = attrgetter("func")  # a Task's parts, as a partial's: read in C, for the engine
+_task_args = attrgetter("args")
+_task_keywords = attrgetter("keywords")
 _DEFAULT = object()  # "not given": lets execute(timeout=None) mean "no limit for this call"
 
 
@@ -94,11 +94,9 @@ class Task(functools.partial):
     """
     __slots__ = ("_id",)
 
-    # The parts, under the names mplite 1.x gave them; settable, as they were there.
-    f = property(attrgetter("func"), lambda self, f: self._set(f, self.args, self.keywords))
-    args = property(functools.partial.args.__get__,
-                    lambda self, args: self._set(self.func, args, self.keywords))
-    kwargs = property(attrgetter("keywords"), lambda self, kwargs: self._set(self.func, self.args, kwargs))
+    # The parts under the names mplite 1.x gave them (args is a partial's own), read-only.
+    f = property(attrgetter("func"))
+    kwargs = property(attrgetter("keywords"))
 
     @property
     def id(self):
@@ -116,16 +114,13 @@ class Task(functools.partial):
         """A Task of f(*args, **kwargs), even where kwargs has a key named f."""
         return cls(f, *args, **kwargs)
 
-    def _set(self, f, args, kwargs):
-        functools.partial.__setstate__(self, (f, tuple(args), dict(kwargs), None))
-
     def __repr__(self):
         return f"Task(f={_name(self.func)}, *{self.args!r}, **{self.keywords!r})"
 
     __str__ = __repr__
 
     def __reduce__(self):  # a partial's state holds its __dict__; a Task has none
-        return Task._of, (self.func, self.args, self.keywords)
+        return type(self)._of, (self.func, self.args, self.keywords)
 
     def execute(self):
         """Run the task here, in this process; exceptions propagate. Handy for checking a task."""
@@ -273,9 +268,9 @@ class TaskManager:
         timeout: seconds per task for this call (default: the manager's timeout).
         """
         pool = self._running()
-        tasks = _task_list(tasks)
-        _check_functions(tasks, pool.forked_main)
-        return self._call(pool, _Call(tasks, self._timeout(timeout), self._errors), tqdm, pbar, progress)
+        call = _Call(*_task_list(tasks), self._timeout(timeout), self._errors)
+        _check_functions(call.distinct_tasks(), pool.forked_main)
+        return self._call(pool, call, tqdm, pbar, progress)
 
     def map(self, f, iterable, *, progress=False, timeout=_DEFAULT):
         """``execute([Task(f, x) for x in iterable])``: the results of f(x), in order."""
@@ -594,15 +589,15 @@ class _Call(_Owner):
     __slots__ = ("items", "results", "left", "timeout", "errors", "plain", "f", "fresh",
                  "failure", "kept", "cancelled", "shown", "done")
 
-    def __init__(self, items, timeout, errors, f=None, fresh=True):
+    def __init__(self, items, types, timeout, errors, f=None, fresh=True):
         self.items = items  # what runs next for each slot: a Task, or a TaskChain's current step
         self.results = [None] * len(items)
         self.left = len(items)
         self.timeout = timeout
         self.errors = errors
-        self.plain = f is not None or set(map(type, items)) == {Task}  # no chains: results go straight in
+        self.plain = f is not None or types == {Task}  # no chains: results go straight in
         self.f = f  # the one function of every task, which have no keyword arguments; or None
-        if f is None and self.plain and len(set(map(_task_func, items))) == 1 and not any(map(_task_keywords, items)):
+        if f is None and self.plain and _one_function(items) and not any(map(_task_keywords, items)):
             self.f = items[0].func
         self.fresh = fresh  # its tasks may differ from those before: measure their length afresh
         self.failure = None
@@ -615,6 +610,12 @@ class _Call(_Owner):
         if self.f is None:
             return _Owner.run(self, start, stop)
         return self.f, True, list(map(_task_args, self.items[start:stop]))
+
+    def distinct_tasks(self):
+        """One task for each distinct function of the call."""
+        if self.f is not None:
+            return [self.task(0)]
+        return {id(task.func): task for task in map(_entry_task, self.items)}.values()
 
     def wait(self, report):
         """Block until every result is in, or the call failed; report() progress meanwhile."""
@@ -670,7 +671,7 @@ class _Mapped(_Call):
     __slots__ = ("star",)
 
     def __init__(self, items, timeout, errors, f, fresh=True, star=False):
-        super().__init__(items, timeout, errors, f, fresh)
+        super().__init__(items, None, timeout, errors, f, fresh)
         self.star = star
 
     def task(self, slot):
@@ -699,10 +700,12 @@ class _Stream:
         """Send chunks of the input until the window is full."""
         window = self.window(self.taken)
         while self.error is None and self.inputs is not None and self.ahead < window:
+            # Chunks double from one task up to _STREAM_CHUNK: the first results come soon,
+            # and a consumer that stops early leaves little run for nothing.
+            size = min(max(1, window // 4), _STREAM_CHUNK, window - self.ahead, max(1, self.taken + self.ahead))
             chunk = []
             try:
-                chunk.extend(itertools.islice(self.inputs, min(max(1, window // 4), _STREAM_CHUNK,
-                                                               window - self.ahead)))
+                chunk.extend(itertools.islice(self.inputs, size))
             except Exception as exc:  # the items read before it are in the chunk
                 self.error = exc
             if not chunk:
@@ -891,6 +894,7 @@ _MIXED, _RESULTS, _LISTED, _STARTED = range(4)  # forms: journal entries of any 
 # parent; or no answers, only word that the tasks of a message begin (where one has a timeout).
 # Only immutable results are listed at flush time: another could have changed since its task.
 _SCALARS = frozenset({int, float, complex, bool, str, bytes, type(None)})
+_KIND_OF_BYTE = bytes(b & 7 for b in range(256))  # a journal entry's kind, from its low byte
 _NO_KWARGS = {}
 # The kinds of answer. A result is _DONE (pickled) or, for _SCALARS, _SCALAR (marshalled:
 # half the cost of pickle.dumps, and parent and workers run the same interpreter).
@@ -1002,10 +1006,9 @@ class _Outbox:
     def run(self, calls, n, each):
         """Run a message's n tasks, journal each answer, send them all (and some on the way)."""
         ends, data, room = self.ends.cast("Q"), self.data, len(self.data)
-        dumps = pickle.dumps
+        dumps, scalar, scalars = pickle.dumps, marshal.dumps, _SCALARS  # locals: this is the hot loop
         count = end = 0
-        plain = True  # every answer in the journal is a pickled result
-        values = []   # the results themselves, while they are all _SCALAR; else None
+        values = []  # the _SCALAR results in the journal: all of its answers, if as many
         started = flushed = monotonic()
         for entry in calls:
             kind = _DONE
@@ -1016,8 +1019,8 @@ class _Outbox:
                 kind, blob = _FAILED, dumps(_describe(exc), -1)
             else:
                 try:
-                    if value.__class__ in _SCALARS:
-                        kind, blob = _SCALAR, marshal.dumps(value)
+                    if value.__class__ in scalars:
+                        kind, blob = _SCALAR, scalar(value)
                     else:
                         blob = dumps(value, -1)
                 except BaseException as exc:
@@ -1026,8 +1029,8 @@ class _Outbox:
                     kind, blob = _FAILED, dumps(_describe(error), -1)
             stop = end + len(blob)
             if stop > room or count == _ENTRIES:  # full: send what it holds first
-                self.flush(count, end, plain, values)
-                count, end, stop, plain, values = 0, 0, len(blob), True, []
+                self.flush(count, end, values)
+                count, end, stop, values = 0, 0, len(blob), []
             if stop > room:  # too large for the journal: it goes on its own, straight away
                 self.send_alone(kind, blob)
             else:
@@ -1035,20 +1038,15 @@ class _Outbox:
                 ends[count] = stop << 3 | kind  # written last: only now does the answer count
                 end = stop
                 count += 1
-                if kind != _DONE:
-                    plain = False
-                if values is not None:
-                    if kind == _SCALAR:
-                        values.append(value)
-                    else:
-                        values = None
+                if kind == _SCALAR:
+                    values.append(value)
             # With a timeout the parent must see each task end: it times the next from there.
             if each or (count & 7 == 0 and monotonic() - flushed > _FLUSH_SECONDS):
-                self.flush(count, end, plain, values)
+                self.flush(count, end, values)
                 count = end = 0
-                plain, values = True, []
+                values = []
                 flushed = monotonic()
-        self.flush(count, end, plain, values, (monotonic() - started) / n)  # this sizes later batches
+        self.flush(count, end, values, (monotonic() - started) / n)  # this sizes later batches
 
     def note_received(self):
         """Tell the parent, should this process die, that the tasks of the message just read began."""
@@ -1056,22 +1054,24 @@ class _Outbox:
         _U64.pack_into(self.head, 8, self.messages)
 
     def started(self):
-        """Tell the parent the message's first task starts now: an empty frame of answers."""
-        self.link.write([_U64.pack(_ANSWERS.size) + _ANSWERS.pack(0, _STARTED, -1.0)])
+        """Tell the parent the first task of the message just read starts now: a frame of no
+        answers that gives the number of that message."""
+        self.link.write([_U64.pack(_ANSWERS.size) + _ANSWERS.pack(self.messages, _STARTED, -1.0)])
 
     def post(self, kind, value):
         """Send an answer that is not a task's: ready, init failed, unreadable message."""
         self.send_alone(kind, pickle.dumps(value, -1))
 
-    def flush(self, count, end, plain, values, spent=-1.0):
-        """Send the journal's answers: as one pickled list where they are all plain results."""
+    def flush(self, count, end, values, spent=-1.0):
+        """Send the journal's answers: as one pickled list where they are all _SCALAR results."""
         if count or spent >= 0:
-            if values:
+            if count and len(values) == count:
                 listed = pickle.dumps(values, -1)
                 self.link.write([_U64.pack(_ANSWERS.size + len(listed)) +
                                  _ANSWERS.pack(count, _LISTED, spent), listed])
             else:
-                form = _RESULTS if plain else _MIXED
+                kinds = self.ends[:8 * count:8].tobytes().translate(_KIND_OF_BYTE)  # each entry's low byte
+                form = _MIXED if kinds.strip(bytes([_DONE])) else _RESULTS
                 size = _ANSWERS.size + 8 * count + end
                 self.link.write([_U64.pack(size) + _ANSWERS.pack(count, form, spent),
                                  self.ends[:8 * count], self.data[:end]])
@@ -1257,7 +1257,7 @@ class _Worker:
         self.overdue = None     # (owner, slot) of the task it was stopped for, past its timeout
         self.received = 0       # answers read from its pipe
         self.sent = 0           # messages of tasks sent to it
-        self.begun = 0          # of those, how many it said it began (_STARTED)
+        self.begun = 0          # the last of those it said it began (_STARTED), by number
         self.holds = {}         # globals of by-value functions it was sent: see _pickle
         self.holds_since = 0    # the pool's arrivals when that record began
         self._buf = b""         # the start of a frame, read without its end
@@ -1512,7 +1512,7 @@ class _Answers:
         """Deliver the answers in one of a worker's frames: the hot path, a few C calls per frame."""
         count, form, spent = _ANSWERS.unpack_from(frame, 0)
         if form == _STARTED:
-            w.begun += 1
+            w.begun = count
             w.since = now
             return
         if spent >= 0:
@@ -1970,7 +1970,7 @@ def _deadline(w):
     start: while the worker unpickles its message (which may import modules for a while,
     more on a busy machine), only a generous limit applies."""
     if w.jobs and w.ready and w.overdue is None and w.jobs[0].owner.timeout is not None:
-        begun = w.begun > w.sent - len(w.msgs)  # the message at the head said it began
+        begun = w.begun > w.sent - len(w.msgs)  # the message at the head is number sent - len(msgs) + 1
         return w.since + w.jobs[0].owner.timeout + (0 if begun else _UNPICKLE_SECONDS)
     return None
 
@@ -2798,15 +2798,16 @@ def _mappable(f):
     return Task(f)
 
 
-def _check_functions(items, forked_main):
+def _one_function(tasks):
+    """Do these Tasks all call the same function?"""
+    return all(map(is_, repeat(tasks[0].func), map(_task_func, tasks)))
+
+
+def _check_functions(tasks, forked_main):
     """Refuse a call whose function can't travel, even by value, before any task is sent: that
-    is the usual case. Arguments are checked as their batches are pickled."""
-    try:  # one task for each distinct function
-        functions = dict(zip(map(id, map(_task_func, items)), items))
-    except TypeError:  # there are chains: look at their tasks
-        functions = {id(_entry_task(item).func): item for item in items}
-    for item in functions.values():
-        task = _entry_task(item)
+    is the usual case (tasks: one for each distinct function). Arguments are checked as their
+    batches are pickled."""
+    for task in tasks:
         try:
             _pickle(task.f, forked_main)
         except _TASK_ERRORS as exc:
@@ -2836,15 +2837,17 @@ def _exit_reason(code):
 
 
 def _task_list(tasks):
+    """(the tasks as a list, the set of their types), or why they are no tasks."""
     try:
         tasks = list(tasks)
     except TypeError:
         raise TypeError(f"execute takes an iterable of Task or TaskChain, not {type(tasks).__name__}") from None
-    if not set(map(type, tasks)) <= {Task, TaskChain}:  # else look closer: subclasses are fine
+    kinds = set(map(type, tasks))
+    if not kinds <= {Task, TaskChain}:  # else look closer: subclasses are fine
         for i, t in enumerate(tasks):
             if not isinstance(t, (Task, TaskChain)):
                 raise TypeError(f"execute takes Task or TaskChain items; item {i} is {type(t).__name__}")
-    return tasks
+    return tasks, kinds
 
 
 def _context(context):
