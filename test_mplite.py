@@ -14,8 +14,10 @@ import ctypes
 import faulthandler
 import functools
 import gc
+import importlib
 import importlib.util
 import inspect
+import itertools
 import multiprocessing
 import os
 import pickle
@@ -505,12 +507,16 @@ README_OUTPUTS = [  # what each of the README's runnable examples prints, in par
     ["sum: 55"],
     ["[100, 101, 102]", "[0, 3, 6]"],
     ["144", "[0, 1, 4, 9, 16]", "asyncio: 25"],
+    ["[0, 1, 4, 9, 16, 25, 36, 49, 64, 81]", "sum: 333328333350000"],
 ]
 README_NOTEBOOK_EXAMPLE = 2
+README_DASK_EXAMPLE = 4  # runs where distributed is installed (.ci/run's dask step)
 
 
 @pytest.mark.parametrize("index", range(len(README_OUTPUTS)))
 def test_readme_examples_run(index, tmp_path):
+    if index == README_DASK_EXAMPLE and importlib.util.find_spec("distributed") is None:
+        pytest.skip("the dask example needs distributed (pip install '.[dask]')")
     scripts = readme_scripts()
     assert len(scripts) == len(README_OUTPUTS), "the README's runnable examples changed: update this test"
     script = tmp_path / "example.py"
@@ -4458,3 +4464,955 @@ def test_fault_zz_no_stray_processes_left():
         time.sleep(0.1)
     assert not alive, "worker processes of these tests still running: %s" % alive
     assert not unknown, "processes (or zombies) left behind: %s" % unknown
+
+
+# =============================================================================================
+# Issue 8: imap, buffersize, and faults inside the fast path of many tiny tasks
+# =============================================================================================
+
+# ---------------------------------------------------------------------------------------------
+# Task functions (module level)
+# ---------------------------------------------------------------------------------------------
+
+def jitter(x):
+    """x * 10 after a short sleep that varies with x, so that tasks finish out of input order."""
+    time.sleep(((x * 37) % 7) * 0.004)
+    return x * 10
+
+
+def bad_at(x, bad):
+    if x == bad:
+        raise ValueError("bad item %d" % x)
+    return x * 3
+
+
+def logged(i, log, die_at=-1, bad_at=-1, lock_at=-1, slow_at=-1):
+    """Log i (one O_APPEND write) before anything else, then: die, raise, return a lock, sleep, or
+    return i * 3. Every call that starts is in the log, so a task run twice shows up twice."""
+    _fault_append(log, str(i))
+    if i == die_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(10)
+    if i == bad_at:
+        raise ValueError("bad-%d" % i)
+    if i == lock_at:
+        return threading.Lock()  # can't be pickled back to the parent
+    if i == slow_at:
+        time.sleep(20)
+    return i * 3
+
+
+def logged_sleep(i, log, seconds):
+    _fault_append(log, str(i))
+    time.sleep(seconds)
+    return i
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+class Counting:
+    """An input that counts how many items it has handed out (it may be read from any thread)."""
+
+    def __init__(self, n=None, fail_after=None):
+        self.n, self.fail_after, self.yielded = n, fail_after, 0
+
+    def __iter__(self):
+        source = itertools.count() if self.n is None else range(self.n)
+        for i in source:
+            if self.fail_after is not None and i == self.fail_after:
+                raise RuntimeError("the input broke at %d" % i)
+            self.yielded += 1
+            yield i
+
+
+def runs(log):
+    return Counter(int(x) for x in _fault_lines(log))
+
+
+def new_threads(baseline, limit=10):
+    """Threads started since `baseline` that are still alive after a bounded wait."""
+    deadline = time.monotonic() + limit
+    while True:
+        extra = [t for t in threading.enumerate() if t not in baseline]
+        if not extra or time.monotonic() > deadline:
+            return sorted(t.name for t in extra)
+        time.sleep(0.02)
+
+
+def assert_pool_clean(tm):
+    """No open task, no stale result waiting in take(), and the pool still works."""
+    assert tm.open_tasks == 0
+    assert tm.take() is None
+    assert tm.execute([Task(adder, i, 1) for i in range(10)], progress=False) == list(range(1, 11))
+    assert tm.map(double, range(5)) == [0, 2, 4, 6, 8]
+    tid = tm.submit(Task(adder, 1000, 1))
+    assert isinstance(tid, int)
+    assert tm.take(timeout=None) == 1001
+    assert tm.take() is None and tm.open_tasks == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# imap: results, order, laziness
+# ---------------------------------------------------------------------------------------------
+
+def test_imap_results_come_in_input_order(pool):
+    with _fault_deadline(60, "imap"):
+        it = pool.imap(jitter, range(60))
+        assert iter(it) is it
+        assert list(it) == [x * 10 for x in range(60)]
+        assert list(pool.imap(double, [])) == []
+        assert list(pool.imap(double, (x for x in range(7)))) == [2 * x for x in range(7)]
+    assert pool.open_tasks == 0
+
+
+def test_imap_takes_timeout_as_keyword_only():
+    params = inspect.signature(TaskManager.imap).parameters
+    assert list(params)[:3] == ["self", "f", "iterable"]
+    assert params["timeout"].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+def test_map_keeps_its_signature_and_results(spool):
+    params = inspect.signature(TaskManager.map).parameters
+    assert list(params) == ["self", "f", "iterable", "progress", "timeout"]
+    assert params["progress"].kind is inspect.Parameter.KEYWORD_ONLY and params["progress"].default is False
+    assert params["timeout"].kind is inspect.Parameter.KEYWORD_ONLY
+    with _fault_deadline(60, "map"):
+        result = spool.map(jitter, range(30))
+        assert type(result) is list and result == [x * 10 for x in range(30)]
+        assert spool.map(double, iter(range(5))) == [0, 2, 4, 6, 8]
+
+
+def test_imap_reads_its_input_lazily(spool):
+    source = Counting(100_000)
+    with _fault_deadline(60, "imap"):
+        it = spool.imap(double, source)
+        taken = [next(it) for _ in range(10)]
+        assert taken == [2 * i for i in range(10)]
+        assert source.yielded < 5_000, "after 10 results, %d of 100000 inputs were read" % source.yielded
+        # the read-ahead is capped: a consumer far along doesn't make it read the whole input
+        for _ in range(20_000 - 10):
+            next(it)
+        assert source.yielded < 20_000 + 10_000, "after 20000 results, %d inputs were read" % source.yielded
+        at_close = source.yielded
+        it.close()
+    assert spool.open_tasks == 0
+    assert source.yielded == at_close, "a closed imap went on reading its input"
+    assert_pool_clean(spool)
+    assert source.yielded == at_close
+
+
+def test_imap_of_an_infinite_input(spool):
+    source = Counting()  # itertools.count()
+    with _fault_deadline(60, "imap"):
+        it = spool.imap(double, source)
+        assert list(itertools.islice(it, 1000)) == [2 * i for i in range(1000)]
+        assert source.yielded < 1000 + 10_000
+        it.close()
+        assert list(itertools.islice(spool.imap(double, itertools.count()), 5)) == [0, 2, 4, 6, 8]
+    gc.collect()
+    assert_pool_clean(spool)
+
+
+def test_imap_with_a_lambda(pool):
+    with _fault_deadline(60, "imap"):
+        assert list(pool.imap(lambda x: x + 1, range(10))) == list(range(1, 11))
+        offset = 100
+        assert list(pool.imap(lambda x: x + offset, range(3))) == [100, 101, 102]
+
+
+# ---------------------------------------------------------------------------------------------
+# imap: closed early
+# ---------------------------------------------------------------------------------------------
+
+def test_imap_closed_early_drops_the_rest(spool, tmp_path):
+    log = str(tmp_path / "log.txt")
+    spool.execute([Task(adder, 1, 1)], progress=False)  # the pool is up before the baseline
+    baseline = set(threading.enumerate())
+    source = Counting(50)
+    with _fault_deadline(60, "imap"):
+        it = spool.imap(lambda i: logged_sleep(i, log, 0.2), source)
+        assert [next(it) for _ in range(3)] == [0, 1, 2]
+        it.close()
+        assert spool.open_tasks == 0
+        with pytest.raises(StopIteration):
+            next(it)
+        # the workers run what the engine gives them in order: once these are done, anything of
+        # the closed imap that was still going to run would have run
+        assert spool.execute([Task(sleep_return, 0.3, i) for i in range(4)], progress=False) == [0, 1, 2, 3]
+    ran = runs(log)
+    assert max(ran.values()) == 1, "an imap task ran twice: %s" % ran
+    assert len(ran) < 30, "closing the imap did not drop its remaining tasks: %d of 50 ran" % len(ran)
+    assert source.yielded < 50
+    assert new_threads(baseline) == []
+    assert_pool_clean(spool)
+    assert runs(log) == ran, "tasks of the closed imap ran later"
+
+
+def test_imap_dropped_by_break_leaves_nothing_behind(pool, tmp_path):
+    log = str(tmp_path / "log.txt")
+    pool.execute([Task(adder, 1, 1)], progress=False)
+    baseline = set(threading.enumerate())
+    got = []
+    with _fault_deadline(60, "imap"):
+        for result in pool.imap(lambda i: logged_sleep(i, log, 0.1), range(40)):
+            got.append(result)
+            if len(got) == 4:
+                break
+        gc.collect()
+        assert got == [0, 1, 2, 3]
+        wait_until(lambda: pool.open_tasks == 0, 10, "open_tasks back to 0 after the dropped imap")
+        assert pool.execute([Task(sleep_return, 0.2, i) for i in range(4)], progress=False) == [0, 1, 2, 3]
+    assert len(runs(log)) < 40
+    assert new_threads(baseline) == []
+    assert_pool_clean(pool)
+
+
+def test_imap_closed_before_the_first_result(spool):
+    with _fault_deadline(60, "imap"):
+        it = spool.imap(double, range(1000))
+        it.close()
+        it2 = spool.imap(double, range(1000))
+        del it2
+        gc.collect()
+    assert_pool_clean(spool)
+
+
+# ---------------------------------------------------------------------------------------------
+# imap: errors, a broken input, a dead worker, timeout
+# ---------------------------------------------------------------------------------------------
+
+def test_imap_str_mode_failed_item_is_its_traceback_text(pool):
+    with _fault_deadline(60, "imap"):
+        results = list(pool.imap(lambda x: bad_at(x, 3), range(6)))
+    assert results[:3] + results[4:] == [0, 3, 6, 12, 15]
+    assert _fault_check_error_str(results[3], "bad_at") == "ValueError: bad item 3"
+    assert pool.open_tasks == 0
+
+
+def test_imap_exception_mode_raises_at_the_failing_item(xpool):
+    with _fault_deadline(60, "imap"):
+        it = xpool.imap(lambda x: bad_at(x, 3), range(6))
+        assert [next(it), next(it), next(it)] == [0, 3, 6]
+        with pytest.raises(ValueError, match="^bad item 3$") as excinfo:
+            next(it)
+        it.close()
+        assert xpool.open_tasks == 0
+        assert xpool.execute([Task(adder, i, i) for i in range(5)], progress=False) == [0, 2, 4, 6, 8]
+        assert list(xpool.imap(double, range(5))) == [0, 2, 4, 6, 8]
+
+
+def test_imap_input_that_raises(pool):
+    source = Counting(100, fail_after=5)
+    with _fault_deadline(60, "imap"):
+        it = pool.imap(double, source)
+        assert [next(it) for _ in range(5)] == [0, 2, 4, 6, 8]
+        with pytest.raises(RuntimeError, match="the input broke at 5"):
+            next(it)
+        it.close()
+    assert_pool_clean(pool)
+
+
+def test_imap_input_that_raises_at_once_exception_mode(xpool):
+    with _fault_deadline(60, "imap"):
+        it = xpool.imap(double, Counting(100, fail_after=0))
+        with pytest.raises(RuntimeError, match="the input broke at 0"):
+            next(it)
+        it.close()
+        assert xpool.open_tasks == 0
+        assert list(xpool.imap(double, range(3))) == [0, 2, 4]
+
+
+def test_imap_a_worker_killed_mid_imap_costs_only_its_item(method, tmp_path):
+    log = str(tmp_path / "log.txt")
+    n, die_at = 40, 17
+    with TaskManager(2, context=method) as tm:
+        with _fault_deadline(90, "imap"):
+            results = list(tm.imap(lambda i: logged(i, log, die_at=die_at), range(n)))
+        assert _fault_check_error_str(results[die_at], "SIGKILL").startswith("ChildProcessError"), results[die_at]
+        assert results[:die_at] + results[die_at + 1:] == [i * 3 for i in range(n) if i != die_at]
+        assert runs(log) == Counter(range(n)), "tasks run twice or never: %s" % runs(log)
+        assert tm.open_tasks == 0
+        with _fault_deadline(60, "execute after the death"):
+            assert tm.execute([Task(adder, i, 1) for i in range(10)], progress=False) == list(range(1, 11))
+
+
+def warm():
+    """worker_init: the worker imports this module before its first task, so that the import (over
+    a second on a loaded machine) isn't counted in a task's timeout, nor in a replacement's."""
+
+
+def test_imap_timeout(tmp_path):
+    log = str(tmp_path / "log.txt")
+    with TaskManager(2, worker_init=Task(warm)) as tm:
+        with _fault_deadline(60, "imap"):
+            results = list(tm.imap(lambda i: logged(i, log, slow_at=2), range(8), timeout=1.0))
+        assert _fault_check_error_str(results[2]).startswith("TimeoutError"), results[2]
+        assert results[:2] + results[3:] == [i * 3 for i in range(8) if i != 2]
+        assert runs(log) == Counter(range(8))
+        assert_pool_clean(tm)
+
+
+def test_imap_timeout_exception_mode(tmp_path):
+    log = str(tmp_path / "log.txt")
+    with TaskManager(2, worker_init=Task(warm), error_mode="exception", timeout=1.0) as tm:  # the default applies
+        with _fault_deadline(60, "imap"):
+            it = tm.imap(lambda i: logged(i, log, slow_at=2), range(8))
+            assert [next(it), next(it)] == [0, 3]
+            with pytest.raises(TimeoutError):
+                next(it)
+            it.close()
+            assert tm.open_tasks == 0
+            assert list(tm.imap(double, range(3), timeout=None)) == [0, 2, 4]
+
+
+def test_imap_from_several_threads_on_one_manager(pool):
+    def caller(tid):
+        for r in range(5):
+            base = tid * 1_000_000 + r * 1000
+            got = list(pool.imap(functools.partial(adder, base), range(300)))
+            assert got == [base + i for i in range(300)], "thread %d, call %d got others' results" % (tid, r)
+        it = pool.imap(functools.partial(adder, tid), range(1000))
+        assert [next(it) for _ in range(5)] == [tid + i for i in range(5)]
+        it.close()
+
+    run_threads([lambda tid=tid: caller(tid) for tid in range(4)])
+    assert_pool_clean(pool)
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults in the fast path: one bad item among 20,000 tiny tasks
+# ---------------------------------------------------------------------------------------------
+
+N_TINY, BAD = 20_000, 7_777
+
+
+@pytest.mark.parametrize("fault_method", ["spawn", "fork"])
+def test_tiny_tasks_one_worker_killed(fault_method, tmp_path):
+    log = str(tmp_path / "log.txt")
+    with TaskManager(2, context=fault_method) as tm:
+        with _fault_deadline(90, "execute"):
+            res = tm.execute([Task(logged, i, log, BAD) for i in range(N_TINY)], progress=False)
+        assert _fault_check_error_str(res[BAD], "SIGKILL", "logged").startswith("ChildProcessError"), res[BAD]
+        wrong = [i for i in range(N_TINY) if i != BAD and res[i] != i * 3]
+        assert not wrong, "wrong results at %s" % wrong[:20]
+        ran = runs(log)
+        assert ran == Counter(range(N_TINY)), "ran twice: %s; never ran: %s" % (
+            sorted(k for k, v in ran.items() if v > 1)[:20], sorted(set(range(N_TINY)) - set(ran))[:20])
+        with _fault_deadline(60, "execute after"):
+            assert tm.execute([Task(adder, i, 1) for i in range(100)], progress=False) == list(range(1, 101))
+
+
+def test_tiny_tasks_one_worker_killed_imap(tmp_path):
+    log = str(tmp_path / "log.txt")
+    with TaskManager(2, context="fork") as tm:
+        with _fault_deadline(90, "imap"):
+            res = list(tm.imap(functools.partial(logged, log=log, die_at=BAD), range(N_TINY)))
+        assert _fault_check_error_str(res[BAD], "SIGKILL"), res[BAD]
+        assert [r for i, r in enumerate(res) if i != BAD] == [i * 3 for i in range(N_TINY) if i != BAD]
+        assert runs(log) == Counter(range(N_TINY))
+
+
+@pytest.mark.parametrize("how", ["execute", "map", "imap"])
+def test_tiny_tasks_one_exception(spool, tmp_path, how):
+    log = str(tmp_path / "log.txt")
+    with _fault_deadline(90, how):
+        if how == "execute":
+            res = spool.execute([Task(logged, i, log, -1, BAD) for i in range(N_TINY)], progress=False)
+        elif how == "map":
+            res = spool.map(functools.partial(logged, log=log, bad_at=BAD), range(N_TINY))
+        else:
+            res = list(spool.imap(functools.partial(logged, log=log, bad_at=BAD), range(N_TINY)))
+    assert _fault_check_error_str(res[BAD]) == "ValueError: bad-%d" % BAD, res[BAD]
+    assert [r for i, r in enumerate(res) if i != BAD] == [i * 3 for i in range(N_TINY) if i != BAD]
+    assert runs(log) == Counter(range(N_TINY))
+    assert spool.open_tasks == 0
+
+
+@pytest.mark.parametrize("how", ["execute", "imap"])
+def test_tiny_tasks_one_unpicklable_result(spool, tmp_path, how):
+    log = str(tmp_path / "log.txt")
+    with _fault_deadline(90, how):
+        if how == "execute":
+            res = spool.execute([Task(logged, i, log, -1, -1, BAD) for i in range(N_TINY)], progress=False)
+        else:
+            res = list(spool.imap(functools.partial(logged, log=log, lock_at=BAD), range(N_TINY)))
+    _fault_check_error_str(res[BAD])
+    assert "pickle" in res[BAD].lower(), res[BAD]
+    assert [r for i, r in enumerate(res) if i != BAD] == [i * 3 for i in range(N_TINY) if i != BAD]
+    assert runs(log) == Counter(range(N_TINY))
+    assert spool.open_tasks == 0
+
+
+def test_tiny_tasks_exception_mode_stops_at_the_bad_item(pools, tmp_path):
+    xpool = pools.get("spawn", "exception")
+    log = str(tmp_path / "log.txt")
+    with _fault_deadline(90, "execute"):
+        with pytest.raises(ValueError, match="^bad-%d$" % BAD):
+            xpool.execute([Task(logged, i, log, -1, BAD) for i in range(N_TINY)], progress=False)
+        assert max(runs(log).values()) == 1
+        it = xpool.imap(functools.partial(logged, log=log + "2", bad_at=BAD), range(N_TINY))
+        for i in range(BAD):
+            assert next(it) == i * 3
+        with pytest.raises(ValueError, match="^bad-%d$" % BAD):
+            next(it)
+        it.close()
+        assert xpool.open_tasks == 0
+        assert xpool.execute([Task(adder, i, 1) for i in range(100)], progress=False) == list(range(1, 101))
+    assert max(runs(log + "2").values()) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# mplite.ProcessPoolExecutor.map(buffersize=)
+# ---------------------------------------------------------------------------------------------
+
+def test_executor_map_buffersize_bounds_what_is_submitted_ahead(spex):
+    for n in (1, 3, 8):
+        source = Counting(10_000)
+        with _fault_deadline(60, "map"):
+            it = spex.map(double, source, buffersize=n)
+            assert source.yielded <= n
+            for k in range(1, 40):
+                assert next(it) == 2 * (k - 1)
+                assert source.yielded <= k + n, "buffersize=%d: %d taken, %d read" % (n, k, source.yielded)
+            it.close()
+        assert source.yielded <= 39 + n
+
+
+def test_executor_map_buffersize_results_in_order_and_to_the_end(spex):
+    with _fault_deadline(60, "map"):
+        assert list(spex.map(jitter, range(50), buffersize=4)) == [x * 10 for x in range(50)]
+        assert list(spex.map(adder, range(10), range(100, 110), buffersize=3)) == \
+            [a + b for a, b in zip(range(10), range(100, 110))]
+        assert list(spex.map(double, itertools.islice(itertools.count(), 7), buffersize=100)) == \
+            [0, 2, 4, 6, 8, 10, 12]
+        assert list(spex.map(double, [], buffersize=2)) == []
+        results = spex.map(raise_on, [1, 2, 3], [2, 2, 2], buffersize=1)
+        assert next(results) == 1
+        with pytest.raises(KeyError):
+            next(results)
+
+
+def test_executor_map_buffersize_of_an_infinite_input(spex):
+    with _fault_deadline(60, "map"):
+        it = spex.map(double, itertools.count(), buffersize=4)
+        assert list(itertools.islice(it, 20)) == [2 * i for i in range(20)]
+        it.close()
+
+
+@pytest.mark.parametrize("value, error", [(0, ValueError), (-1, ValueError), (1.5, TypeError), ("2", TypeError)])
+def test_executor_map_buffersize_validation(spex, value, error):
+    source = Counting(10)
+    with pytest.raises(error):
+        spex.map(double, source, buffersize=value)
+    assert source.yielded == 0
+
+
+def test_executor_map_closed_early_cancels_the_rest(tmp_path):
+    log = str(tmp_path / "log.txt")
+    for buffersize in (None, 5):
+        with mplite.ProcessPoolExecutor(1, mp_context="spawn") as ex:
+            with _fault_deadline(60, "map"):
+                it = ex.map(logged_sleep, range(30), [log] * 30, [0.1] * 30, buffersize=buffersize)
+                assert [next(it), next(it)] == [0, 1]
+                it.close()
+                # one worker runs its work in order: what was not cancelled has run once this is done
+                assert ex.submit(adder, 2, 2).result(timeout=60) == 4
+        ran = runs(log)
+        assert max(ran.values()) == 1
+        assert len(ran) < 10, "buffersize=%s: %d of 30 ran after the map was closed" % (buffersize, len(ran))
+        os.remove(log)
+
+
+def test_executor_map_closed_early_cancels_the_rest_after_tiny_tasks(tmp_path):
+    # The same, on an executor that has just run a tiny task: the engine's batching must not make
+    # the rest of a map of longer tasks (sent to the worker in one message) impossible to cancel.
+    log = str(tmp_path / "log.txt")
+    with mplite.ProcessPoolExecutor(1, mp_context="spawn") as ex:
+        with _fault_deadline(60, "map"):
+            assert ex.submit(adder, 1, 1).result(timeout=60) == 2
+            it = ex.map(logged_sleep, range(30), [log] * 30, [0.1] * 30)
+            assert [next(it), next(it)] == [0, 1]
+            it.close()
+            assert ex.submit(adder, 2, 2).result(timeout=60) == 4
+    ran = runs(log)
+    assert max(ran.values()) == 1
+    assert len(ran) < 10, "%d of 30 ran after the map was closed" % len(ran)
+
+
+# =============================================================================================
+# Issue 10: TaskManager(executor=...): the stdlib's executors, mplite's, and dask's
+# =============================================================================================
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ---------------------------------------------------------------------------------------------
+# Task functions (module level)
+# ---------------------------------------------------------------------------------------------
+
+def echo_kwargs(**kwargs):
+    return kwargs
+
+
+def counter_task(path):
+    """A side effect per call: one line appended (one O_APPEND write)."""
+    _fault_append(path, "ran %d" % os.getpid())
+    return "counted"
+
+
+
+
+def tiny(i):
+    return i * 3
+
+
+
+
+def get_pid():
+    return os.getpid()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures: the user's executors, shared by this module's tests and shut down at its end
+# ---------------------------------------------------------------------------------------------
+
+KINDS = ["thread", "stdlib-process", "mplite-process"]
+
+
+def make_user_executor(kind, n=2):
+    if kind == "thread":
+        return concurrent.futures.ThreadPoolExecutor(n)
+    if kind == "stdlib-process":
+        return concurrent.futures.ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"))
+    if kind == "mplite-process":
+        return mplite.ProcessPoolExecutor(n, mp_context="spawn")
+    raise AssertionError(kind)
+
+
+@pytest.fixture(scope="module")
+def user_executors(tmp_path_factory):
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            ex = cache[kind] = make_user_executor(kind)
+            if kind != "thread":  # both workers up, this module imported there: not in a task's timeout
+                folder = tempfile.mkdtemp(dir=str(tmp_path_factory.getbasetemp()))
+                with _fault_deadline(60, "starting the user's executor"):
+                    assert len(set(ex.map(rendezvous, [folder] * 2, [2] * 2, timeout=60))) == 2
+        return cache[kind]
+
+    yield get
+    with _fault_deadline(60, "shutting down the user's executors"):
+        for ex in cache.values():
+            ex.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture(params=KINDS)
+def kind(request):
+    return request.param
+
+
+@pytest.fixture
+def uex(user_executors, kind):
+    """One of the user's executors (2 workers), for each kind."""
+    return user_executors(kind)
+
+
+def assert_executor_still_works(ex):
+    assert ex.submit(adder, 20, 22).result(timeout=60) == 42
+
+
+# ---------------------------------------------------------------------------------------------
+# Construction
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", [42, "executor", concurrent.futures.ThreadPoolExecutor])
+def test_executor_that_is_not_an_executor_is_a_type_error(value):
+    with pytest.raises(TypeError):
+        TaskManager(executor=value)
+
+
+def test_executor_with_worker_init_or_max_tasks_per_child_is_a_value_error(user_executors):
+    ex = user_executors("thread")
+    with pytest.raises(ValueError):
+        TaskManager(executor=ex, worker_init=Task(adder, 1, 2))
+    with pytest.raises(ValueError):
+        TaskManager(executor=ex, max_tasks_per_child=3)
+    assert_executor_still_works(ex)
+
+
+def test_import_mplite_does_not_import_dask(tmp_path):
+    code = "import mplite, sys; print(any(m.split('.')[0] in ('dask', 'distributed') for m in sys.modules))"
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(mplite.__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+    assert proc.returncode == 0, proc.stdout
+    assert proc.stdout.decode().strip() == "False"
+
+
+# ---------------------------------------------------------------------------------------------
+# The TaskManager API on the user's executor
+# ---------------------------------------------------------------------------------------------
+
+def test_execute_map_imap_results_in_order(uex):
+    with TaskManager(executor=uex) as tm:
+        with _fault_deadline(60, "execute"):
+            assert tm.execute([Task(jitter, x) for x in range(40)], progress=False) == [x * 10 for x in range(40)]
+            assert tm.execute([], progress=False) == []
+            assert tm.execute([Task(echo, 1, b=2)], progress=False) == [((1,), {"b": 2})]
+            assert tm.map(jitter, range(20)) == [x * 10 for x in range(20)]
+            assert list(tm.imap(jitter, iter(range(20)))) == [x * 10 for x in range(20)]
+            assert tm.execute([Task(lambda x: x + 1, 1)], progress=False) == [2]
+    assert_executor_still_works(uex)
+
+
+def test_tasks_run_on_the_users_executor(user_executors):
+    ex = user_executors("stdlib-process")
+    with TaskManager(executor=ex) as tm:
+        with _fault_deadline(60, "execute"):
+            pids = set(tm.execute([Task(get_pid) for _ in range(20)], progress=False))
+    pool_pids = set(ex._processes)  # the stdlib executor's own workers
+    assert pids and pids <= pool_pids and os.getpid() not in pids
+    ex = user_executors("thread")
+    with TaskManager(executor=ex) as tm:
+        with _fault_deadline(60, "execute"):
+            assert set(tm.execute([Task(get_pid) for _ in range(5)], progress=False)) == {os.getpid()}
+
+
+def test_progress_on_the_users_executor(uex, capfd):
+    with TaskManager(executor=uex) as tm:
+        with _fault_deadline(60, "execute"):
+            bar = RecordingBar()
+            assert tm.execute([Task(adder, i, i) for i in range(7)], pbar=bar) == [2 * i for i in range(7)]
+            assert bar.n == 7 and bar.closed is False
+            assert capfd.readouterr().err == ""
+            assert tm.execute([Task(adder, i, i) for i in range(20)]) == [2 * i for i in range(20)]
+    err = capfd.readouterr().err
+    assert FINAL_BAR.search(err), repr(err)
+
+
+def test_submit_take_as_completed_open_tasks(uex):
+    with TaskManager(executor=uex) as tm:
+        with _fault_deadline(60, "submit/take"):
+            assert tm.take() is None
+            ids = [tm.submit(Task(adder, i, 100)) for i in range(6)]
+            assert len(set(ids)) == 6
+            assert tm.open_tasks == 6
+            got = [tm.take(timeout=None) for _ in range(3)]
+            assert tm.open_tasks == 3
+            pairs = list(tm.as_completed(timeout=60))
+            assert tm.open_tasks == 0
+            assert sorted(got + [r for _, r in pairs]) == [100 + i for i in range(6)]
+            assert {t.id for t, _ in pairs} <= set(ids)
+            assert tm.take(timeout=None) is None  # nothing open: returns at once
+
+
+def test_task_chains(uex):
+    with TaskManager(executor=uex) as tm:
+        tasks = [Task(adder, 1, 1), TaskChain(Task(double, 3), double_until_100),
+                 TaskChain(Task(adder, 1, 2), then_double), TaskChain(Task(adder, 1, 2), to_subchain),
+                 TaskChain(Task(adder, 5, 5))]
+        with _fault_deadline(60, "execute"):
+            assert tm.execute(tasks, progress=False) == [2, 192, 6, 12, 10]
+            chain = TaskChain(Task(double, 3), double_until_100)
+            assert tm.submit(chain) == chain.id
+            assert tm.take(timeout=60) == 192
+
+
+def test_str_mode_failure_is_the_traceback_text(uex):
+    with TaskManager(executor=uex) as tm:
+        with _fault_deadline(60, "execute"):
+            res = tm.execute([Task(adder, 1, 1), Task(broken, 1), Task(adder, 2, 2)], progress=False)
+    assert res[0] == 2 and res[2] == 4
+    assert _fault_check_error_str(res[1], ", in broken", 'raise NotImplementedError("this task must fail!")') \
+        == "NotImplementedError: this task must fail!"
+
+
+def test_exception_mode_raises_the_tasks_exception(uex):
+    with TaskManager(executor=uex, error_mode="exception") as tm:
+        with _fault_deadline(60, "execute"):
+            with pytest.raises(NotImplementedError, match="this task must fail!"):
+                tm.execute([Task(adder, 1, 1), Task(broken, 1), Task(adder, 2, 2)], progress=False)
+            with pytest.raises(NotImplementedError):
+                tm.map(broken, [1])
+            tm.submit(Task(broken))
+            with pytest.raises(NotImplementedError):
+                tm.take(timeout=None)
+            assert tm.open_tasks == 0
+            assert tm.execute([Task(adder, i, i) for i in range(5)], progress=False) == [0, 2, 4, 6, 8]
+
+
+def test_timeout_fails_only_the_slow_task(uex):
+    tasks = [Task(sleep_return, 3, "slow")] + [Task(adder, i, 1) for i in range(200)]
+    with TaskManager(executor=uex, timeout=1.0) as tm:
+        with _fault_deadline(60, "execute"):
+            res = tm.execute(tasks, progress=False)
+    assert _fault_check_error_str(res[0]).startswith("TimeoutError"), res[0]
+    assert res[1:] == list(range(1, 201))
+
+
+def test_timeout_per_call_in_exception_mode(uex):
+    with TaskManager(executor=uex, error_mode="exception") as tm:
+        with _fault_deadline(60, "execute"):
+            with pytest.raises(TimeoutError):
+                tm.execute([Task(adder, 1, 1), Task(sleep_return, 3, "slow")], progress=False, timeout=1.0)
+            assert tm.execute([Task(adder, i, 1) for i in range(10)], progress=False) == list(range(1, 11))
+
+
+@pytest.mark.parametrize("kind", ["thread", "stdlib-process"])
+def test_many_tiny_tasks_are_batched(uex):
+    with TaskManager(executor=uex) as tm:
+        with _fault_deadline(90, "20000 tiny tasks"):
+            assert tm.execute([Task(tiny, i) for i in range(20_000)], progress=False) == \
+                [i * 3 for i in range(20_000)]
+            assert tm.map(tiny, range(20_000)) == [i * 3 for i in range(20_000)]
+
+
+def test_identical_tasks_are_never_merged(uex, tmp_path):
+    path = str(tmp_path / "count.txt")
+    with TaskManager(executor=uex) as tm:
+        with _fault_deadline(60, "execute"):
+            assert tm.execute([Task(counter_task, path)] * 5, progress=False) == ["counted"] * 5
+            assert len(_fault_lines(path)) == 5
+            assert tm.execute([Task(counter_task, path) for _ in range(5)], progress=False) == ["counted"] * 5
+            assert len(_fault_lines(path)) == 10
+            task = Task(counter_task, path)
+            tm.submit(task)
+            tm.submit(task)
+            assert [tm.take(timeout=None), tm.take(timeout=None)] == ["counted"] * 2
+    assert len(_fault_lines(path)) == 12
+
+
+DASK_NAMED_KWARGS = dict(key=1, pure=2, workers=3, priority=4, retries=5, resources=6, allow_other_workers=7,
+                         fifo_timeout=8, actor=9, actors=10)
+
+
+def test_keyword_arguments_named_like_dasks_reach_the_task(uex):
+    with TaskManager(executor=uex) as tm:
+        with _fault_deadline(60, "execute"):
+            assert tm.execute([Task(echo_kwargs, key=1, pure=2)], progress=False) == [{"key": 1, "pure": 2}]
+            assert tm.execute([Task(echo_kwargs, **DASK_NAMED_KWARGS)], progress=False) == [DASK_NAMED_KWARGS]
+            tm.submit(Task(echo_kwargs, workers=["a"], priority=-1))
+            assert tm.take(timeout=None) == {"workers": ["a"], "priority": -1}
+
+
+def test_threads_get_their_own_results(uex):
+    with TaskManager(executor=uex) as tm:
+        def caller(tid):
+            for r in range(5):
+                base = tid * 1_000_000 + r * 1000
+                got = tm.execute([Task(adder, base, i) for i in range(100)], progress=False)
+                assert got == [base + i for i in range(100)], "thread %d, call %d got others' results" % (tid, r)
+                assert list(tm.imap(functools.partial(adder, base), range(50))) == [base + i for i in range(50)]
+
+        run_threads([functools.partial(caller, tid) for tid in range(2)])
+        assert tm.open_tasks == 0
+
+
+def test_stop_does_not_shut_down_the_users_executor(uex):
+    tm = TaskManager(executor=uex)
+    tm.start()
+    assert tm.execute([Task(adder, 1, 2)], progress=False) == [3]
+    tm.stop()
+    tm.stop()
+    assert_executor_still_works(uex)
+    with pytest.raises(RuntimeError):
+        tm.execute([Task(adder, 1, 2)], progress=False)
+    with TaskManager(executor=uex, error_mode="exception") as tm:
+        with pytest.raises(NotImplementedError):
+            tm.execute([Task(broken)], progress=False)
+    assert_executor_still_works(uex)
+
+
+# ---------------------------------------------------------------------------------------------
+# A task that kills its worker
+# ---------------------------------------------------------------------------------------------
+
+def test_worker_killed_on_mplite_executor_fails_only_its_task(tmp_path):
+    log = str(tmp_path / "log.txt")
+    n, die_at = 50, 23
+    with mplite.ProcessPoolExecutor(2, mp_context="spawn") as ex:
+        with TaskManager(executor=ex) as tm:
+            with _fault_deadline(90, "execute"):
+                res = tm.execute([Task(logged, i, log, die_at) for i in range(n)], progress=False)
+            _fault_check_error_str(res[die_at], "logged")
+            assert res[:die_at] + res[die_at + 1:] == [i * 3 for i in range(n) if i != die_at]
+            # every task ran; on an executor, the tasks of a submission that died run again one by
+            # one to find the culprit (documented), so some, the culprit too, may run twice
+            assert set(int(x) for x in _fault_lines(log)) == set(range(n))
+            with _fault_deadline(60, "execute after the death"):
+                assert tm.execute([Task(adder, i, 1) for i in range(20)], progress=False) == list(range(1, 21))
+        assert_executor_still_works(ex)
+
+
+def test_worker_killed_on_stdlib_executor_raises_promptly(tmp_path):
+    log = str(tmp_path / "log.txt")
+    ex = make_user_executor("stdlib-process")
+    try:
+        with TaskManager(executor=ex) as tm:
+            with _fault_deadline(60, "execute on a broken stdlib executor"):
+                with pytest.raises((BrokenProcessPool, RuntimeError)):
+                    tm.execute([Task(logged, i, log, 7) for i in range(30)], progress=False)
+                with pytest.raises((BrokenProcessPool, RuntimeError)):
+                    tm.execute([Task(adder, 1, 1)], progress=False)
+    finally:
+        with _fault_deadline(60, "shutdown"):
+            ex.shutdown(wait=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Import probe: the workers can't import the task's module
+# ---------------------------------------------------------------------------------------------
+
+def write_module_after_start(tmp_path, name):
+    """A module the already-started workers can't import: only the parent's sys.path has its folder."""
+    folder = tmp_path / "late"
+    folder.mkdir()
+    (folder / (name + ".py")).write_text("def fn(x):\n    return x + 1\n")
+    sys.path.insert(0, str(folder))
+    importlib.invalidate_caches()
+    return importlib.import_module(name), str(folder)
+
+
+def forget_module(name, folder):
+    sys.modules.pop(name, None)
+    if folder in sys.path:
+        sys.path.remove(folder)
+
+
+def test_import_probe_names_the_module_the_workers_cant_import(tmp_path):
+    name = "wip_late_module_%d" % os.getpid()
+    ex = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    folder = None
+    try:
+        assert ex.submit(adder, 1, 1).result(timeout=60) == 2  # its worker is up: sys.path fixed
+        module, folder = write_module_after_start(tmp_path, name)
+        assert module.fn(1) == 2
+        with TaskManager(executor=ex) as tm:
+            with _fault_deadline(60, "execute of a task the workers can't import"):
+                with pytest.raises(ImportError) as excinfo:
+                    tm.execute([Task(module.fn, 1)], progress=False)
+                assert name in str(excinfo.value)
+                assert tm.execute([Task(adder, 2, 2)], progress=False) == [4]
+    finally:
+        if folder:
+            forget_module(name, folder)
+        with _fault_deadline(60, "shutdown"):
+            ex.shutdown(wait=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# dask.distributed: client.get_executor()
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dask_client():
+    distributed = pytest.importorskip("distributed")
+    old_pythonpath = os.environ.get("PYTHONPATH")
+    # the workers import this module (and test_mplite, mplite) by name
+    os.environ["PYTHONPATH"] = os.pathsep.join([HERE] + ([old_pythonpath] if old_pythonpath else []))
+    with _fault_deadline(90, "starting a dask LocalCluster"):
+        cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                           dashboard_address=None)
+        client = distributed.Client(cluster)
+    try:
+        yield client
+    finally:
+        with _fault_deadline(90, "closing the dask LocalCluster"):
+            client.close()
+            cluster.close()
+        if old_pythonpath is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old_pythonpath
+
+
+@pytest.fixture
+def dex(dask_client):
+    return dask_client.get_executor()
+
+
+def test_dask_execute_and_map_results_in_order(dex):
+    assert isinstance(dex, concurrent.futures.Executor)
+    with TaskManager(executor=dex) as tm:
+        with _fault_deadline(90, "execute on dask"):
+            assert tm.execute([Task(jitter, x) for x in range(30)], progress=False) == [x * 10 for x in range(30)]
+            assert tm.map(jitter, range(10)) == [x * 10 for x in range(10)]
+            assert list(tm.imap(jitter, range(10))) == [x * 10 for x in range(10)]
+            assert tm.execute([Task(tiny, i) for i in range(5000)], progress=False) == [i * 3 for i in range(5000)]
+            assert tm.execute([Task(echo_kwargs, **DASK_NAMED_KWARGS)], progress=False) == [DASK_NAMED_KWARGS]
+            pids = set(tm.execute([Task(get_pid) for _ in range(10)], progress=False))
+            assert os.getpid() not in pids
+
+
+def test_dask_errors_in_both_modes(dex):
+    with TaskManager(executor=dex) as tm:
+        with _fault_deadline(90, "execute on dask"):
+            res = tm.execute([Task(adder, 1, 1), Task(broken, 1), Task(adder, 2, 2)], progress=False)
+    assert res[0] == 2 and res[2] == 4
+    assert _fault_check_error_str(res[1], ", in broken") == "NotImplementedError: this task must fail!"
+    with TaskManager(executor=dex, error_mode="exception") as tm:
+        with _fault_deadline(90, "execute on dask"):
+            with pytest.raises(NotImplementedError, match="this task must fail!"):
+                tm.execute([Task(adder, 1, 1), Task(broken, 1)], progress=False)
+            assert tm.execute([Task(adder, 1, 1)], progress=False) == [2]
+
+
+def test_dask_identical_tasks_are_never_merged(dex, tmp_path):
+    path = str(tmp_path / "count.txt")
+    with TaskManager(executor=dex) as tm:
+        with _fault_deadline(90, "execute on dask"):
+            assert tm.execute([Task(counter_task, path)] * 5, progress=False) == ["counted"] * 5
+            assert len(_fault_lines(path)) == 5
+            assert tm.execute([Task(counter_task, path)] * 3, progress=False) == ["counted"] * 3  # again: not cached
+            assert len(_fault_lines(path)) == 8
+            tm.submit(Task(counter_task, path))
+            tm.submit(Task(counter_task, path))
+            assert [tm.take(timeout=None), tm.take(timeout=None)] == ["counted"] * 2
+    assert len(_fault_lines(path)) == 10
+
+
+def test_dask_progress_and_submit_take(dex):
+    with TaskManager(executor=dex) as tm:
+        with _fault_deadline(90, "dask"):
+            bar = RecordingBar()
+            assert tm.execute([Task(adder, i, i) for i in range(9)], pbar=bar) == [2 * i for i in range(9)]
+            assert bar.n == 9 and not bar.closed
+            for i in range(4):
+                tm.submit(Task(adder, i, 10))
+            assert tm.open_tasks == 4
+            got = sorted(tm.take(timeout=None) for _ in range(4))
+            assert got == [10, 11, 12, 13] and tm.open_tasks == 0
+            assert tm.take() is None
+
+
+def test_dask_import_probe(dex, tmp_path):
+    name = "wip_late_dask_module_%d" % os.getpid()
+    module, folder = write_module_after_start(tmp_path, name)
+    try:
+        with TaskManager(executor=dex) as tm:
+            with _fault_deadline(90, "execute of a task dask's workers can't import"):
+                with pytest.raises(ImportError) as excinfo:
+                    tm.execute([Task(module.fn, 1)], progress=False)
+                assert name in str(excinfo.value)
+                assert tm.execute([Task(adder, 2, 2)], progress=False) == [4]
+    finally:
+        forget_module(name, folder)
+
+
+def test_dask_a_task_killing_its_worker(dex, tmp_path):
+    # dask retries the task whose worker died (allowed-failures), restarting a worker each time
+    log = str(tmp_path / "log.txt")
+    n, die_at = 20, 11
+    with TaskManager(executor=dex) as tm:
+        with _fault_deadline(110, "execute on dask with a killed worker"):
+            res = tm.execute([Task(logged, i, log, die_at) for i in range(n)], progress=False)
+        errors = [i for i, r in enumerate(res) if r != i * 3]
+        assert errors == [die_at], res
+        assert isinstance(res[die_at], str) and res[die_at].startswith("Traceback"), res[die_at]
+        assert set(int(x) for x in _fault_lines(log)) == set(range(n))
+        with _fault_deadline(90, "execute on dask after the death"):
+            assert tm.execute([Task(adder, i, 1) for i in range(10)], progress=False) == list(range(1, 11))
