@@ -68,7 +68,7 @@ from multiprocessing.reduction import ForkingPickler
 from operator import add, attrgetter, is_, rshift
 from time import monotonic
 
-__version__ = "2.1.0"
+__version__ = "2.2.0"
 __all__ = ["Task", "TaskChain", "TaskManager", "ProcessPoolExecutor", "UnpicklableTaskError",
            "WorkerDiedError"]
 
