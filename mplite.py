@@ -481,14 +481,13 @@ class ProcessPoolExecutor(futures.Executor):
                 raise RuntimeError("cannot schedule new futures after shutdown")
         _check_functions([_mappable(fn)], self._pool.forked_main)
         # Calls travel in chunks (of _Mapped), not a Future each. With no buffersize, all of
-        # them are sent now, as the standard library's map() does.
+        # them are sent now, as the standard library's map() does; with one, that many.
         stream = _Stream(self._pool, fn, True, zip(*iterables), self._timeout,
                          lambda taken: buffersize or sys.maxsize)
-        if buffersize is None:
-            stream.top_up()
-            if stream.error is not None:
-                self._pool.drop(stream.calls)
-                raise stream.error
+        stream.top_up()  # the first calls go now, as the standard library's do
+        if buffersize is None and stream.error is not None:
+            self._pool.drop(stream.calls)
+            raise stream.error
 
         def wait(call):
             if not call.done.wait(None if deadline is None else max(0.0, deadline - monotonic())):
