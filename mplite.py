@@ -110,17 +110,23 @@ class Task(functools.partial):
             return self._id
 
     @classmethod
-    def _of(cls, f, args, kwargs):
-        """A Task of f(*args, **kwargs), even where kwargs has a key named f."""
-        return cls(f, *args, **kwargs)
+    def _of(cls, f, args, kwargs, id=None, attributes=None):
+        """A Task of f(*args, **kwargs), as pickled: see __reduce__."""
+        task = cls.__new__(cls, f, *args, **kwargs)
+        if id is not None:
+            task._id = id
+        if attributes:
+            task.__dict__.update(attributes)
+        return task
 
     def __repr__(self):
         return f"Task(f={_name(self.func)}, *{self.args!r}, **{self.keywords!r})"
 
     __str__ = __repr__
 
-    def __reduce__(self):  # a partial's state holds its __dict__; a Task has none
-        return type(self)._of, (self.func, self.args, self.keywords)
+    def __reduce__(self):  # a copy keeps the id and attributes; a subclass may take other arguments
+        return type(self)._of, (self.func, self.args, self.keywords, getattr(self, "_id", None),
+                                getattr(self, "__dict__", None) or None)
 
     def execute(self):
         """Run the task here, in this process; exceptions propagate. Handy for checking a task."""
@@ -452,10 +458,13 @@ class ProcessPoolExecutor(futures.Executor):
         failure = self._pool.failure
         return False if failure is None else str(failure)
 
+    def _refuse_after_shutdown(self):
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+
     def submit(self, fn, /, *args, **kwargs):
         with self._shutdown_lock:
-            if self._shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._refuse_after_shutdown()
             future = futures.Future()
             self._pool.put(_Job(_FutureTask(future, Task._of(fn, args, kwargs), self._timeout), 0, 1))
             return future
@@ -476,14 +485,12 @@ class ProcessPoolExecutor(futures.Executor):
         if buffersize is not None and buffersize < 1:
             raise ValueError("buffersize must be None or > 0")
         deadline = None if timeout is None else monotonic() + timeout
-        with self._shutdown_lock:
-            if self._shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
+        self._refuse_after_shutdown()
         _check_functions([_mappable(fn)], self._pool.forked_main)
         # Calls travel in chunks (of _Mapped), not a Future each. With no buffersize, all of
         # them are sent now, as the standard library's map() does; with one, that many.
         stream = _Stream(self._pool, fn, True, zip(*iterables), self._timeout,
-                         lambda taken: buffersize or sys.maxsize)
+                         lambda taken: buffersize or sys.maxsize, self._refuse_after_shutdown)
         stream.top_up()  # the first calls go now, as the standard library's do
         if buffersize is None and stream.error is not None:
             self._pool.drop(stream.calls)
@@ -588,13 +595,13 @@ class _Call(_Owner):
     __slots__ = ("items", "results", "left", "timeout", "errors", "plain", "f", "fresh",
                  "failure", "kept", "cancelled", "shown", "done")
 
-    def __init__(self, items, types, timeout, errors, f=None, fresh=True):
+    def __init__(self, items, kinds, timeout, errors, f=None, fresh=True):
         self.items = items  # what runs next for each slot: a Task, or a TaskChain's current step
         self.results = [None] * len(items)
         self.left = len(items)
         self.timeout = timeout
         self.errors = errors
-        self.plain = f is not None or types == {Task}  # no chains: results go straight in
+        self.plain = f is not None or kinds == {Task}  # no chains: results go straight in
         self.f = f  # the one function of every task, which have no keyword arguments; or None
         if f is None and self.plain and _one_function(items) and not any(map(_task_keywords, items)):
             self.f = items[0].func
@@ -685,8 +692,9 @@ class _Stream:
     ProcessPoolExecutor.map(). The input goes out in chunks, each a _Mapped call, at most a
     window ahead of the results taken; window(taken) says how far."""
 
-    def __init__(self, pool, f, star, inputs, timeout, window):
+    def __init__(self, pool, f, star, inputs, timeout, window, may_send=None):
         self.pool = pool
+        self.may_send = may_send  # called before each chunk goes: raises if it may not
         self.f, self.star, self.timeout = f, star, timeout
         self.inputs = inputs  # None once it is exhausted
         self.window = window
@@ -710,6 +718,8 @@ class _Stream:
             if not chunk:
                 self.inputs = None
                 break
+            if self.may_send is not None:
+                self.may_send()
             fresh = not (self.taken or self.calls)
             call = _Mapped(chunk, self.timeout, "keep", self.f, fresh, self.star)
             self.pool.put(_Job(call, 0, len(chunk)))
@@ -729,7 +739,7 @@ class _Stream:
                     return
                 call = calls[0]
                 wait(call)
-                if call.failure is not None:  # the pool stopped
+                if call.failure is not None:  # the pool stopped, or a task can't be sent
                     raise call.failure.exception()
                 calls.popleft()
                 self.ahead -= len(call.results)
@@ -1460,9 +1470,9 @@ class _Scheduling:
 
     def _refuse(self, owner, start, stop, error):
         """Tasks that can't be sent: an execute() or map() raises the error (bad input); each
-        other task gets it as its own error."""
+        other task (of imap() too) gets it as its own error, in its place."""
         failure = _Failure.of(error)
-        if isinstance(owner, _Call):
+        if isinstance(owner, _Call) and owner.errors != "keep":
             owner.abort(failure)
             self._forget(owner)
         else:
@@ -1483,8 +1493,10 @@ class _Scheduling:
             owner = job.owner
             if isinstance(owner, _FutureTask) and not owner.claimed:
                 owner.future.cancel()
-            elif isinstance(owner, _Mapped):  # a chunk of map(): taking it raises CancelledError
-                owner.abort(_Failure.of(futures.CancelledError()))
+            elif isinstance(owner, _Mapped):  # map()'s calls not sent yet raise CancelledError
+                failure = _Failure.of(futures.CancelledError())
+                for slot in range(job.start, job.stop):
+                    owner.deliver(slot, False, failure)
             else:
                 keep.append(job)
         self.pending = keep
@@ -1832,12 +1844,15 @@ class _Pool(_Scheduling, _Answers, _Faults):
     def drop(self, calls):
         """Drop calls nobody waits for any more (an imap() left early): their queued tasks go,
         results of those already sent are ignored."""
-        for call in calls:
-            call.cancelled = True
         try:
-            self.put(lambda: [self._forget(call) for call in calls])
+            self.put(functools.partial(self._drop, list(calls)))
         except RuntimeError:  # the pool has stopped: nothing is left to drop
             pass
+
+    def _drop(self, calls):
+        for call in calls:
+            call.cancelled = True
+            self._forget(call)
 
     def refusal(self):
         """The error for a request that comes after the pool closed."""
@@ -2143,7 +2158,7 @@ class _ExecutorPool(_Pool):
     submissions may run at once (twice that are in flight, so that none waits for the next)."""
 
     def __init__(self, executor, size):
-        super().__init__(None, size, None, None, init_label="worker_init")
+        super().__init__(None, size, None, None, init_label=None)
         self.executor = executor
         self.sent = {}            # future -> _Sent: the submissions in flight
         self.suspects = deque()   # one-task jobs of submissions the executor failed
@@ -2169,6 +2184,11 @@ class _ExecutorPool(_Pool):
             if len(self.sent) >= (self.size if timed else 2 * self.size):
                 return
             jobs = self._next_batch(1 if timed else self._tasks_for(_REMOTE_BATCH_SECONDS, _REMOTE_MAX_BATCH))
+            for i, job in enumerate(jobs):
+                if i and job.owner.timeout is not None:  # a task with a timeout travels alone
+                    self.pending.extendleft(reversed(jobs[i:]))
+                    del jobs[i:]
+                    break
             jobs = self._importable_there(jobs)
             if jobs is None:
                 return  # probing: the jobs are back in the queue
@@ -2186,9 +2206,11 @@ class _ExecutorPool(_Pool):
         token = (_NONCE, os.getpid(), next(_submissions))
         try:
             future = self.executor.submit(_run_remote, token, runs)
-        except Exception as exc:  # shut down, or broken for good (a stdlib pool whose worker died)
+        except (RuntimeError, futures.BrokenExecutor) as exc:  # shut down, or broken for good
             self.pending.extendleft(reversed(jobs))
             raise BrokenProcessPool(f"the executor refused work: {exc!r}") from exc
+        except Exception as exc:  # it can't take these (it pickles them now, say)
+            return self._failed(jobs, alone, exc)
         timeout = jobs[0].owner.timeout if len(jobs) == 1 and jobs[0].stop - jobs[0].start == 1 else None
         self.sent[future] = _Sent(jobs, sum(j.stop - j.start for j in jobs),
                                   None if timeout is None else monotonic() + timeout, alone)
@@ -2221,12 +2243,18 @@ class _ExecutorPool(_Pool):
         return ready
 
     def _modules(self, job):
+        """The modules the executor's workers must import to run the job: this one, and those
+        of its functions (unless they travel by value with a namespace of their own)."""
         owner = job.owner
         f = getattr(owner, "f", None)
         functions = [f] if f is not None else [owner.task(slot).func for slot in range(job.start, job.stop)]
-        names = {getattr(g, "__module__", None) for g in functions}
-        names -= {None, "__main__", "builtins"}
-        return ["mplite", *names]
+        names = {__name__}
+        for g in functions:
+            name = getattr(g, "__module__", None)
+            module = sys.modules.get(name)
+            if name not in ("__main__", "builtins") and module is not None and _importable(name, module):
+                names.add(name)
+        return names
 
     def _probe(self, name):
         if name in self.probes:
@@ -2267,19 +2295,31 @@ class _ExecutorPool(_Pool):
             return  # stopped meanwhile, or past its deadline: its task has its error
         error = futures.CancelledError() if future.cancelled() else future.exception()
         if error is None:
-            results, failures, spent = future.result()
+            outcome = future.result()
             del future
-            self.avg = spent / sent.count if self.avg is None else self.avg + 0.3 * (spent / sent.count - self.avg)
-            self._deliver_outcomes(sent.jobs, results, failures)
-        elif sent.alone:
-            job = sent.jobs[0]
+            try:
+                results, failures, spent = outcome
+                if len(results) != sent.count:
+                    raise ValueError(f"{len(results)} results for {sent.count} tasks")
+            except (TypeError, ValueError) as exc:  # an executor that runs calls its own way
+                error = TypeError(f"the executor returned {reprlib.repr(outcome)} for a batch: {exc}")
+            else:
+                per_task = spent / sent.count
+                self.avg = per_task if self.avg is None else self.avg + 0.3 * (per_task - self.avg)
+                return self._deliver_outcomes(sent.jobs, results, failures)
+        self._failed(sent.jobs, sent.alone, error)
+
+    def _failed(self, jobs, alone, error):
+        """The executor failed a submission: blame its task if it ran alone, else find which."""
+        if alone:
+            job = jobs[0]
             died = (f"{_short(job.owner.task(job.start))} failed on the executor, which gave: "
                     f"{type(error).__name__}: {reprlib.repr(str(error))[1:-1]}")
             failure = _Failure.of(WorkerDiedError(died))
             failure.exc.__cause__ = error  # raised in exception mode: the executor's own error
             self._finish(job.owner, job.start, False, failure)
         else:
-            for job in sent.jobs:  # run each alone, to find which one it was
+            for job in jobs:  # run each alone, to find which one it was
                 self.suspects.extend(_Job(job.owner, slot, slot + 1) for slot in range(job.start, job.stop))
 
     def _deliver_outcomes(self, jobs, results, failures):

@@ -5267,6 +5267,121 @@ def test_worker_killed_on_stdlib_executor_raises_promptly(tmp_path):
 # Import probe: the workers can't import the task's module
 # ---------------------------------------------------------------------------------------------
 
+# ---------------------------------------------------------------------------------------------
+# Review regressions: the executor path
+# ---------------------------------------------------------------------------------------------
+
+def test_timed_task_queued_behind_untimed_ones_still_times_out():
+    # Batches of untimed tasks must not swallow a task with a timeout: it travels alone.
+    with concurrent.futures.ThreadPoolExecutor(1) as ex, TaskManager(cpu_count=1, executor=ex) as tm:
+        for i in range(3):
+            tm.submit(Task(adder, i, 1))
+        slow = tm.submit(Task(sleep_return, 1.5, "late"), timeout=0.2)
+        for i in range(10):
+            tm.submit(Task(adder, i, 1))
+        with _fault_deadline(60, "as_completed"):
+            got = {task.id: result for task, result in tm.as_completed(timeout=50)}
+    assert len(got) == 14
+    assert _fault_check_error_str(got[slow]).startswith("TimeoutError"), got[slow]
+
+
+class _Liar(concurrent.futures.Executor):
+    """An executor whose futures hold something else than what was called returns."""
+
+    def submit(self, fn, *args, **kwargs):
+        future = concurrent.futures.Future()
+        future.set_result("nonsense")
+        return future
+
+
+class _Picky(concurrent.futures.ThreadPoolExecutor):
+    """An executor that refuses, in submit() itself, any call that carries a 13."""
+
+    def submit(self, fn, *args, **kwargs):
+        if "13" in repr(args):
+            raise ValueError("13 can't travel here")
+        return super().submit(fn, *args, **kwargs)
+
+
+def test_an_executor_that_returns_nonsense_fails_the_tasks_not_the_caller():
+    with TaskManager(cpu_count=1, executor=_Liar()) as tm, _fault_deadline(60, "execute"):
+        results = tm.execute([Task(adder, 1, 2), Task(adder, 3, 4)], progress=False)
+    for result in results:
+        assert "WorkerDiedError" in _fault_check_error_str(result) and "nonsense" in result, result
+
+
+def test_an_executor_that_refuses_one_batch_in_submit_fails_only_that_task():
+    with _Picky(2) as ex, TaskManager(executor=ex) as tm, _fault_deadline(60, "map"):
+        results = tm.map(double, range(20))
+        assert tm.map(double, range(3)) == [0, 2, 4]  # the manager goes on
+    assert "13 can't travel here" in _fault_check_error_str(results[13]), results[13]
+    assert [r for i, r in enumerate(results) if i != 13] == [2 * i for i in range(20) if i != 13]
+
+
+def test_a_function_of_a_namespace_no_worker_imports_runs_by_value(tmp_path):
+    # Made by exec (as runpy.run_path does): no module of that name exists, and none is needed.
+    namespace = {"__name__": "made_at_run_time"}
+    exec("def triple(x):\n    return 3 * x\n", namespace)
+    with concurrent.futures.ThreadPoolExecutor(2) as ex, TaskManager(executor=ex) as tm:
+        with _fault_deadline(60, "map"):
+            assert tm.map(namespace["triple"], range(4)) == [0, 3, 6, 9]
+
+
+def test_a_vendored_copy_of_mplite_probes_its_own_name():
+    spec = importlib.util.spec_from_file_location("vendored_mplite", mplite.__file__)
+    vendored = importlib.util.module_from_spec(spec)
+    sys.modules["vendored_mplite"] = vendored
+    try:
+        spec.loader.exec_module(vendored)
+        with concurrent.futures.ThreadPoolExecutor(2) as ex, vendored.TaskManager(executor=ex) as tm:
+            with _fault_deadline(60, "execute"):
+                assert tm.execute([vendored.Task(adder, 1, 2)], progress=False) == [3]
+    finally:
+        del sys.modules["vendored_mplite"]
+
+
+def test_executor_map_refuses_more_calls_after_shutdown():
+    ex = mplite.ProcessPoolExecutor(1, mp_context="spawn")
+    try:
+        with _fault_deadline(60, "map"):
+            it = ex.map(double, itertools.count(), buffersize=2)
+            assert [next(it), next(it)] == [0, 2]
+            ex.shutdown(wait=False)
+            with pytest.raises(RuntimeError, match="after shutdown"):
+                for _ in range(1000):
+                    next(it)
+    finally:
+        ex.shutdown(wait=True)
+
+
+def test_imap_an_argument_that_cant_travel_is_that_items_error(pools):
+    items = list(range(30))
+    items[17] = threading.Lock()
+    with _fault_deadline(60, "imap"):
+        results = list(pools.get("spawn").imap(type_name, items))
+    assert [r for i, r in enumerate(results) if i != 17] == ["int"] * 29
+    assert "UnpicklableTaskError" in _fault_check_error_str(results[17]), results[17]
+    with _fault_deadline(60, "imap"):
+        it = pools.get("spawn", "exception").imap(type_name, items)
+        assert list(itertools.islice(it, 17)) == ["int"] * 17
+        with pytest.raises(mplite.UnpicklableTaskError):
+            next(it)
+
+
+def test_a_task_keeps_its_id_and_attributes_when_copied_or_pickled():
+    import copy
+    task = Task(adder, 1, b=2)
+    task.note = "mine"
+    for other in (copy.copy(task), pickle.loads(pickle.dumps(task))):
+        assert (other.id, other.note, other.f, other.args, other.kwargs) == (task.id, "mine", adder, (1,), {"b": 2})
+    fresh = pickle.loads(pickle.dumps(Task(adder, 3)))
+    assert fresh.execute() == 4 and fresh.id != task.id
+
+
+def type_name(x):
+    return type(x).__name__
+
+
 def write_module_after_start(tmp_path, name):
     """A module the already-started workers can't import: only the parent's sys.path has its folder."""
     folder = tmp_path / "late"
