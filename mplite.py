@@ -31,11 +31,9 @@ else, and every method may be called from any number of threads at once. Code wr
 
 Standard library only, Python 3.8+, POSIX (Linux, macOS). MIT licence.
 """
-import ast
 import atexit
 import contextlib
 import builtins
-import dis
 import functools
 import importlib
 import io
@@ -125,7 +123,7 @@ class Task(functools.partial):
     __str__ = __repr__
 
     def __reduce__(self):  # a copy keeps the id and attributes; a subclass may take other arguments
-        return type(self)._of, (self.func, self.args, self.keywords, getattr(self, "_id", None),
+        return type(self)._of, (self.func, self.args, self.keywords, self.id,
                                 getattr(self, "__dict__", None) or None)
 
     def execute(self):
@@ -2179,7 +2177,10 @@ class _ExecutorPool(_Pool):
     def _dispatch(self):
         while self.suspects or self.pending:
             if self.suspects:
-                return self._submit_suspect()
+                if any(not sent.abandoned for sent in self.sent.values()):
+                    return  # nothing else of ours may run beside a suspect
+                self._submit([self.suspects.popleft()], alone=True)
+                continue
             timed = self.pending[0].owner.timeout is not None
             if len(self.sent) >= (self.size if timed else 2 * self.size):
                 return
@@ -2194,12 +2195,6 @@ class _ExecutorPool(_Pool):
                 return  # probing: the jobs are back in the queue
             if jobs:
                 self._submit(jobs, alone=False)
-
-    def _submit_suspect(self):
-        if any(not sent.abandoned for sent in self.sent.values()):
-            return  # nothing else of ours may run beside a suspect
-        job = self.suspects.popleft()
-        self._submit([job], alone=True)
 
     def _submit(self, jobs, alone):
         runs = [self._remote_run(job) for job in jobs]
@@ -2262,8 +2257,11 @@ class _ExecutorPool(_Pool):
         self.probes[name] = None
         try:
             future = self.executor.submit(pickle.loads, _import_probe(name))
-        except Exception as exc:
+        except (RuntimeError, futures.BrokenExecutor) as exc:  # shut down, or broken for good
             raise BrokenProcessPool(f"the executor refused work: {exc!r}") from exc
+        except Exception:  # it won't take the probe: the tasks will say what they meet
+            self.probes[name] = True
+            return True
         future.add_done_callback(lambda future: self._later(self._probed, name, future))
         return None
 
@@ -2314,7 +2312,7 @@ class _ExecutorPool(_Pool):
         if alone:
             job = jobs[0]
             died = (f"{_short(job.owner.task(job.start))} failed on the executor, which gave: "
-                    f"{type(error).__name__}: {reprlib.repr(str(error))[1:-1]}")
+                    f"{type(error).__name__}: {_clip(str(error), 400)}")
             failure = _Failure.of(WorkerDiedError(died))
             failure.exc.__cause__ = error  # raised in exception mode: the executor's own error
             self._finish(job.owner, job.start, False, failure)
@@ -2470,6 +2468,7 @@ def _under_main_guard(f):
 @functools.lru_cache(maxsize=4)
 def _main_guards(path):
     """(first, last) line of each top-level `if __name__ == ...:` block of the main script."""
+    import ast  # here, not at the top: workers never need it, and each worker imports mplite
     try:
         with open(path, "rb") as source:
             tree = ast.parse(source.read())
@@ -2532,6 +2531,7 @@ _code_info_cache = {}  # id(code) -> (weakref to code, marshalled, global names,
 def _code_info(code):
     """The marshalled code and the names its bytecode uses as globals, nested code included.
     Reading bytecode costs ~100 us: once per code object (lambdas made in a loop share it)."""
+    import dis  # as ast in _main_guards
     info = _code_info_cache.get(id(code))
     if info is None or info[0]() is not code:
         names, writes, attrs, todo = set(), set(), set(), [code]
@@ -2860,6 +2860,11 @@ def _pickle_task(task, forked_main=None):
     except _TASK_ERRORS as exc:
         raise UnpicklableTaskError(f"{_short(task)} can't be sent to a worker process: "
                                    f"it can't be pickled: {exc}") from exc
+
+
+def _clip(text, most):
+    """text, cut in the middle to at most about `most` characters."""
+    return text if len(text) <= most else f"{text[:most // 2]} ... {text[-most // 2:]}"
 
 
 def _exit_reason(code):
