@@ -2461,8 +2461,25 @@ class _ByNamePickler(ForkingPickler):
 
 
 def _under_main_guard(f):
-    line = f.__code__.co_firstlineno
-    return any(start <= line <= end for start, end in _main_guards(_main_file()))
+    line, path = f.__code__.co_firstlineno, _main_file()
+    first = _first_top_level_if(path)
+    if first is None or line < first:  # the usual case: no need to parse the script
+        return False
+    return any(start <= line <= end for start, end in _main_guards(path))
+
+
+@functools.lru_cache(maxsize=4)
+def _first_top_level_if(path):
+    """The line of the main script's first top-level `if`, or None: a quick scan (parsing a
+    long script takes tens of milliseconds, the first time a pool sends one of its functions)."""
+    try:
+        with open(path, "rb") as source:
+            for number, text in enumerate(source, 1):
+                if text.startswith((b"if ", b"if(", b"if\t")):
+                    return number
+    except (OSError, TypeError, ValueError):  # no script (None), or none to read
+        pass
+    return None
 
 
 @functools.lru_cache(maxsize=4)

@@ -5384,6 +5384,17 @@ def type_name(x):
     return type(x).__name__
 
 
+def assert_probe_refuses(ex, module, name, seconds):
+    """execute() of a task from a module ex's workers can't import raises ImportError naming
+    it, and the manager goes on."""
+    with TaskManager(executor=ex) as tm:
+        with _fault_deadline(seconds, "execute of a task the workers can't import"):
+            with pytest.raises(ImportError) as excinfo:
+                tm.execute([Task(module.fn, 1)], progress=False)
+            assert name in str(excinfo.value)
+            assert tm.execute([Task(adder, 2, 2)], progress=False) == [4]
+
+
 def write_module_after_start(tmp_path, name):
     """A module the already-started workers can't import: only the parent's sys.path has its folder."""
     folder = tmp_path / "late"
@@ -5408,12 +5419,7 @@ def test_import_probe_names_the_module_the_workers_cant_import(tmp_path):
         assert ex.submit(adder, 1, 1).result(timeout=60) == 2  # its worker is up: sys.path fixed
         module, folder = write_module_after_start(tmp_path, name)
         assert module.fn(1) == 2
-        with TaskManager(executor=ex) as tm:
-            with _fault_deadline(60, "execute of a task the workers can't import"):
-                with pytest.raises(ImportError) as excinfo:
-                    tm.execute([Task(module.fn, 1)], progress=False)
-                assert name in str(excinfo.value)
-                assert tm.execute([Task(adder, 2, 2)], progress=False) == [4]
+        assert_probe_refuses(ex, module, name, 60)
     finally:
         if folder:
             forget_module(name, folder)
@@ -5510,12 +5516,7 @@ def test_dask_import_probe(dex, tmp_path):
     name = "wip_late_dask_module_%d" % os.getpid()
     module, folder = write_module_after_start(tmp_path, name)
     try:
-        with TaskManager(executor=dex) as tm:
-            with _fault_deadline(90, "execute of a task dask's workers can't import"):
-                with pytest.raises(ImportError) as excinfo:
-                    tm.execute([Task(module.fn, 1)], progress=False)
-                assert name in str(excinfo.value)
-                assert tm.execute([Task(adder, 2, 2)], progress=False) == [4]
+        assert_probe_refuses(dex, module, name, 90)
     finally:
         forget_module(name, folder)
 
