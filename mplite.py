@@ -2197,7 +2197,14 @@ class _ExecutorPool(_Pool):
                 self._submit(jobs, alone=False)
 
     def _submit(self, jobs, alone):
-        runs = [self._remote_run(job) for job in jobs]
+        try:
+            runs = [self._remote_run(job) for job in jobs]
+        except _TASK_ERRORS as exc:  # a task whose arguments can't be pickled by value
+            if not alone:
+                return self._failed(jobs, False, exc)  # find which, one by one
+            job = jobs[0]
+            return self._refuse(job.owner, job.start, job.stop, UnpicklableTaskError(
+                f"{_short(job.owner.task(job.start))} can't be sent to the executor: it can't be pickled: {exc}"))
         token = (_NONCE, os.getpid(), next(_submissions))
         try:
             future = self.executor.submit(_run_remote, token, runs)

@@ -5384,6 +5384,20 @@ def type_name(x):
     return type(x).__name__
 
 
+def test_executor_lambda_with_an_argument_that_cant_travel_is_that_tasks_error():
+    lock = threading.Lock()
+    tasks = [Task(lambda x, y=None: x * 2, i) for i in range(6)]
+    tasks[4] = Task(lambda x, y=None: x * 2, 4, y=lock)  # by value: mplite pickles it, and can't
+    with concurrent.futures.ThreadPoolExecutor(2) as ex, TaskManager(executor=ex) as tm:
+        with _fault_deadline(60, "submit and take"):
+            ids = [tm.submit(task) for task in tasks]
+            got = {task.id: result for task, result in tm.as_completed(timeout=50)}
+        assert [got[i] for i in ids[:4]] == [0, 2, 4, 6] and got[ids[5]] == 10
+        assert "UnpicklableTaskError" in _fault_check_error_str(got[ids[4]]), got[ids[4]]
+        with _fault_deadline(60, "execute"), pytest.raises(mplite.UnpicklableTaskError):
+            tm.execute(tasks, progress=False)
+
+
 def assert_probe_refuses(ex, module, name, seconds):
     """execute() of a task from a module ex's workers can't import raises ImportError naming
     it, and the manager goes on."""
