@@ -560,6 +560,10 @@ _TIMED_OUT = object()
 # alone (SystemExit too: a __reduce__ that calls sys.exit() must not stop mplite's engine).
 _TASK_ERRORS = (Exception, SystemExit)
 _REDRAW_SECONDS = 0.1  # how often a waiting execute() redraws its progress bar
+# A caller waits in slices this long: a Ctrl-C that another thread of the program took (the
+# kernel gives a process's SIGINT to any thread) is raised in the main thread only once its wait
+# returns.
+_WAKE_SECONDS = 0.5
 _STREAM_CHUNK = 4096   # the most tasks a streamed map's chunk holds
 
 
@@ -623,11 +627,11 @@ class _Call(_Owner):
 
     def wait(self, report):
         """Block until every result is in, or the call failed; report() progress meanwhile."""
-        if report is None:
-            return self.done.wait()
-        while not self.done.wait(_REDRAW_SECONDS):
+        while not self.done.wait(_REDRAW_SECONDS if report else _WAKE_SECONDS):
+            if report:
+                report()
+        if report:
             report()
-        report()
 
     def deliver_results(self, start, values):
         """Results of the tasks start, start+1, ... at once (no chains among them)."""
@@ -796,7 +800,7 @@ class _Inbox:
                 left = None if deadline is None else deadline - monotonic()
                 if left is not None and left <= 0:
                     return _TIMED_OUT
-                self.ready.wait(left)
+                self.ready.wait(_WAKE_SECONDS if left is None else min(left, _WAKE_SECONDS))
             self._count(-1)
             return self.finished.popleft()
 
@@ -1818,7 +1822,11 @@ class _Pool(_Scheduling, _Answers, _Faults):
     def _start_engine(self):
         atexit.register(self._at_exit)
         self.thread = threading.Thread(target=self._run, name="mplite-engine", daemon=True)
-        self.thread.start()
+        # The engine never takes a Ctrl-C: the kernel gives a process's SIGINT to any thread that
+        # doesn't block it, and one taken here would not wake the main thread where it waits
+        # for results (a lock's wait is cut short only by a signal to its own thread).
+        with _sigint_blocked():
+            self.thread.start()
 
     def wait_ready(self):
         """Wait until every worker is ready; raise why if the pool broke first (worker_init)."""

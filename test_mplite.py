@@ -2376,6 +2376,41 @@ def _ctrl_c_and_check(child, pids):
     child.assert_group_gone()
 
 
+_CTRL_C_ON_ANOTHER_THREAD = r"""
+import signal, sys, threading, time
+import mplite
+
+def nap(seconds):
+    time.sleep(seconds)
+    return seconds
+
+if __name__ == "__main__":
+    with mplite.TaskManager(2) as tm:
+        other = threading.Thread(target=time.sleep, args=(120,), daemon=True)
+        other.start()
+        threading.Timer(1.0, signal.pthread_kill, (other.ident, signal.SIGINT)).start()
+        try:
+            tm.%s
+        except KeyboardInterrupt:
+            print("INTERRUPTED")
+"""
+
+
+@pytest.mark.parametrize("call", ["execute([mplite.Task(nap, 100)] * 2, progress=False)",
+                                  "submit(mplite.Task(nap, 100)) and tm.take(timeout=None)",
+                                  "map(nap, [100, 100])", "imap(nap, [100, 100]).__next__()"])
+def test_ctrl_c_taken_by_another_thread_still_interrupts_the_wait(call, tmp_path):
+    # The kernel gives a process's SIGINT to any thread that doesn't block it: a caller waiting
+    # for results must see it even when another thread took it (mplite's engine blocks it).
+    script = tmp_path / "ctrl_c_elsewhere.py"
+    script.write_text(_CTRL_C_ON_ANOTHER_THREAD % call)
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(mplite.__file__)))
+    proc = subprocess.run([sys.executable, str(script)], env=env, cwd=str(tmp_path), timeout=60,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = proc.stdout.decode(errors="replace")
+    assert proc.returncode == 0 and "INTERRUPTED" in out, out
+
+
 @pytest.mark.parametrize("scenario,fault_method", [("ctrlc-execute", "spawn"), ("ctrlc-execute", "fork"),
                                                    ("ctrlc-execute", "forkserver"),
                                                    ("ctrlc-take", "spawn"), ("ctrlc-take", "fork"),
