@@ -2198,7 +2198,10 @@ def test_fault_worker_init_exits(fault_method, tmp_path):
 
 # The child scripts of the Ctrl-C and exit tests begin with this: a task that runs a while,
 # and how they list their workers for the test to find.
-_SCRIPT_PRELUDE = r'''import multiprocessing, os, sys, time, traceback
+_SCRIPT_PRELUDE = r'''import multiprocessing, os, signal, sys, time, traceback
+# As a program started from a shell: Ctrl-C's default handler, whatever pytest's process left set.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 sys.path.insert(0, @@REPO@@)
 import mplite
 
