@@ -2199,9 +2199,10 @@ def test_fault_worker_init_exits(fault_method, tmp_path):
 # The child scripts of the Ctrl-C and exit tests begin with this: a task that runs a while,
 # and how they list their workers for the test to find.
 _SCRIPT_PRELUDE = r'''import multiprocessing, os, signal, sys, time, traceback
-# As a program started from a shell: Ctrl-C's default handler, whatever pytest's process left set.
-signal.signal(signal.SIGINT, signal.default_int_handler)
-signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+if __name__ == "__main__":  # as a program run from a terminal, even when the tests run in the
+    # background (a shell starts background jobs with SIGINT ignored); not in workers, which
+    # run this file as __mp_main__ and must stay deaf to Ctrl-C
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, @@REPO@@)
 import mplite
 
@@ -2388,6 +2389,7 @@ def nap(seconds):
     return seconds
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal: see _SCRIPT_PRELUDE
     with mplite.TaskManager(2) as tm:
         other = threading.Thread(target=time.sleep, args=(120,), daemon=True)
         other.start()
