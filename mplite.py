@@ -2185,7 +2185,7 @@ class _ExecutorPool(_Pool):
     def _dispatch(self):
         while self.suspects or self.pending:
             if self.suspects:
-                if any(not sent.abandoned for sent in self.sent.values()):
+                if self._running():
                     return  # nothing else of ours may run beside a suspect
                 self._submit([self.suspects.popleft()], alone=True)
                 continue
@@ -2372,15 +2372,14 @@ class _ExecutorPool(_Pool):
         self.suspects = deque(j for j in self.suspects if j.owner is not owner)
 
     def _idle(self):
-        return not (self.pending or self.suspects or self._requests
-                    or any(not sent.abandoned for sent in self.sent.values()))
+        return not (self.pending or self.suspects or self._requests or self._running())
 
     def _held_jobs(self):
-        jobs = list(self.suspects)
-        for sent in self.sent.values():
-            if not sent.abandoned:
-                jobs += sent.jobs
-        return jobs
+        return list(self.suspects) + [job for sent in self._running() for job in sent.jobs]
+
+    def _running(self):
+        """The submissions in flight whose tasks still wait for their outcome (not past a deadline)."""
+        return [sent for sent in self.sent.values() if not sent.abandoned]
 
     def _stop_workers(self, grace):
         """The executor is the user's, and goes on: only this manager's submissions are cancelled."""
