@@ -3,7 +3,7 @@
 
 Usage
 -----
-    python benchmarks/bench.py                        # the full run: ~30 minutes on 2 cores,
+    python benchmarks/bench.py                        # the full run: ~35 minutes on 2 cores,
                                                       # most of it the 1,000,000-task runs and W7
     python benchmarks/bench.py --out benchmarks/results/bench.md   # also write the Markdown there
     python benchmarks/bench.py --methods spawn --repeat 5 --workers 4
@@ -12,6 +12,7 @@ Usage
     python benchmarks/bench.py --workloads W1,W1a --sizes 20000        # tiny tasks, no 1M runs
     python benchmarks/bench.py --workers 2,4,8,16 --workloads W1,W6    # a sweep, + summary table
     python benchmarks/bench.py --workloads W7 --only mplite.imap       # imap memory (~1 min/run)
+    python benchmarks/bench.py --workloads W6,W8      # latency against its floor, and makespans
     python benchmarks/bench.py --mplite1-path DIR     # add mplite 1.3.x (or set MPLITE1_PATH=DIR)
     python benchmarks/bench.py --baseline-path DIR    # add another mplite.py, e.g. the last release
 
@@ -30,9 +31,9 @@ child prints one JSON line with what it measured (wall time; for W2/W3 also the 
 times; its own peak RSS). Task functions live in this module, so spawn workers find them as
 ``__main__.<name>``. Runs are interleaved (repeat -> workers -> method -> workload -> size ->
 contender); the tables show the median of each cell's runs. All pools get the same worker
-count (--workers) and start method (--methods) where the library allows it. Except in W4, the
-pool is started and warmed up (each worker has run a task) before the clock starts, and stopped
-after it stops.
+count (--workers) and start method (--methods) where the library allows it. Except in W4 and
+W8a, the pool is started and warmed up (each worker has run a task) before the clock starts,
+and stopped after it stops.
 
   workload         what                                         metric (better when)
   W1 tiny tasks,   adder(i, 1) for i in range(n), n = 20,000    tasks/s (higher); at the largest
@@ -50,11 +51,29 @@ after it stops.
   W4 start-up      create the pool, run one task, stop it       seconds (lower)
   W5 payload       16 x a 16 MiB bytes argument, echoed back    MB/s both ways (higher)
                                                                 = 2 x 16 x 16 MiB / wall
-  W6 latency       500 sequential round trips (submit one task, us per trip (lower)
-                   wait for its result)
+  W6 latency       500 sequential round trips (submit one task, us per trip (lower); also
+                   wait for its result)                         as a multiple of the stdlib
+                                                                ProcessPoolExecutor's and of
+                                                                the Pipe floor's (lower)
   W7 imap stream   for r in tm.imap(inc, (i for i in range(N))) tasks/s and peak RSS of the
                    with N = 10,000,000 (--imap-items), results  parent (lower); ~20-60 s a run
                    checked and dropped as they come
+  W8 makespan      four cases with known ideal makespans (the   seconds, and seconds / ideal
+                   ideals below: on 2 workers); mplite, and     (lower); W8a: also how many
+                   Pool.map for d:                              runs saw the file
+                   a  tm.execute([TaskChain(Task(identity, path), next_task=<returns
+                      Task(wait_for_file, path, 10.0)>), Task(touch, path)]) on a fresh
+                      TaskManager, its start() inside the timing (the workers boot inside it
+                      either way: start() returns before they are up). wait_for_file polls
+                      for the file up to 10 s and returns whether it came. Ideal ~0 s plus
+                      start-up; ~10 s and False if the touch waits behind the chain's step
+                   b  tm.execute([Task(identity, i) for i in range(2000)]
+                                 + [Task(time.sleep, 1.0)] * 4): ideal 2 s
+                   c  the same list reversed (sleeps first), right after b on the same pool:
+                      ideal 2 s
+                   d  tm.map(slow_pair, range(4000)) / pool.map(...): slow_pair(i) sleeps 1 s
+                      for i = 1000 and 1001 (adjacent), else returns i: ideal ~1 s
+                   b, c and d share one pool, started and warmed up outside the timing.
 
 W1-1M and W1a-1M below mean W1 and W1a at 1,000,000 tasks. The parent's peak RSS is the child
 benchmark process's own high-water mark (getrusage(RUSAGE_SELF).ru_maxrss; workers are other
@@ -75,11 +94,14 @@ The serial loop is the floor for W1/W1a only (in W2/W3 it would score 1 / worker
 `workers`, by definition); it has no pool, so one set of its runs serves every start method
 and worker count.
 
-Contenders (the W1/W1a tables show each one's exact call): serial loop; multiprocessing.Pool
+Contenders (the W1/W1a, W6 and W8 tables show each one's exact call): serial loop; multiprocessing.Pool
 (``map`` and ``starmap``, default chunksize; ``imap``, chunksize=1; W4/W6 use one Pool,
-``apply_async().get()`` for W6, so they are shown once under Pool.map);
-concurrent.futures.ProcessPoolExecutor (``map`` chunksize=1, ``submit().result()``); mplite
-(``execute`` with Task objects, ``submit`` + ``take(timeout=None)``), ``tm.map``, ``tm.imap``
+``apply_async().get()`` for W6, so they are shown once under Pool.map; Pool.map is W8d's
+stdlib reference); concurrent.futures.ProcessPoolExecutor (``map`` chunksize=1,
+``submit().result()``); the Pipe floor (W6 only: no pool, one child process at the other end of
+a ``multiprocessing.Pipe`` that receives ``(adder, i)`` pickled, as the pools send a task, and
+sends back ``adder(i)``: the least a round trip can cost); mplite (``execute`` with Task
+objects, ``submit`` + ``take(timeout=None)``, W8), ``tm.map``, ``tm.imap``
 (W1a, W7; "n/a (no imap)" for an mplite without it); mplite's ProcessPoolExecutor (``map``,
 ``submit().result()``); mplite with W1's task written as a lambda (it travels by value);
 optional: another mplite.py given by --baseline-path (as mplite); mplite 1.3.x (``execute``
@@ -100,7 +122,9 @@ runs (value / best for higher-is-better metrics, best / value for lower-is-bette
 
 With several worker counts (--workers 2,4,8,16) every table is repeated per worker count, and
 a sweep summary shows W1/W1a (smallest size) tasks/s and W6 latency per contender and worker
-count. A "Targets" table checks the goals of issue 8 (2 workers) against the medians.
+count. A "Targets" table checks the goals of issue 8 (2 workers) against the medians, and W6's:
+each mplite front door (TaskManager submit + take, ProcessPoolExecutor.submit().result()) at
+<= 0.5x the stdlib ProcessPoolExecutor's time per trip, and (moonshot) <= 2x the Pipe floor's.
 The exit status is 1 if any run failed (its cell then reads "error").
 """
 
@@ -112,9 +136,11 @@ import multiprocessing
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 SCRIPT = os.path.abspath(__file__)
@@ -127,6 +153,10 @@ W3_SHORT, W3_SHORT_MS, W3_LONG, W3_LONG_MS = 56, 10, 4, 400
 W5_TASKS, W5_BYTES = 16, 16 * 1024 * 1024
 W6_TRIPS = 500
 W7_ITEMS = 10000000
+W8_WAIT = 10.0  # W8a: how long the chain's step waits for the file
+W8_TINY, W8_SLEEPS, W8_SLEEP = 2000, 4, 1.0  # W8b/W8c
+W8_CALLS, W8_SLOW = 4000, (1000, 1001)  # W8d: f(i) sleeps W8_SLEEP s for these two i
+W8_CASES = ("a", "b", "c", "d")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,6 +193,49 @@ def nap(seconds):
     return os.getpid()
 
 
+def identity(x):
+    return x
+
+
+def touch(path):
+    """W8a: create the file at path."""
+    with open(path, "a"):
+        pass
+    return True
+
+
+def wait_for_file(path, timeout):
+    """W8a: poll for the file at path every ms for up to timeout s; True if it appeared."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
+def then_wait_for_file(task, path):
+    """W8a's next_task (it runs in the parent): wait in a worker for the file at path."""
+    return type(task)(wait_for_file, path, W8_WAIT)  # type(task): the mplite under test's Task
+
+
+def slow_pair(i):
+    """W8d: sleeps W8_SLEEP s for the two adjacent inputs in W8_SLOW; returns i."""
+    if i in W8_SLOW:
+        time.sleep(W8_SLEEP)
+    return i
+
+
+def pipe_serve(conn):
+    """The far end of W6's Pipe floor: receive (fn, arg), send back fn(arg); None ends it."""
+    while True:
+        message = conn.recv()
+        if message is None:
+            return
+        fn, arg = message
+        conn.send(fn(arg))
+
+
 # ----------------------------------------------------------------------------------------------
 # Contenders: one small adapter each, with a common interface.
 
@@ -172,13 +245,15 @@ class Adapter:
     map is the one-argument shape (fn(x) for x in xs); pairs the two-argument one (fn(i, 1) for
     i in range(n), the calls built inside it as a user writes them). open() returns the
     library's pool as a context manager; start() enters it and stop() exits it, so each pool is
-    shut down exactly the way ``with`` would do it.
+    shut down exactly the way ``with`` would do it. W8 runs the cases in makespan_cases, with
+    execute(tasks) (mplite's Task/TaskChain lists) and plain_map(fn, xs) (tm.map, Pool.map).
     """
 
     label = ""  # "{v}" is replaced by the version found
     stdlib = False
     workloads = ("W2", "W3", "W4", "W5", "W6")
     calls = {}  # "W1"/"W1a" -> the call measured, as shown in the tables
+    makespan_cases = ()  # the W8 cases it runs (W8_CASES)
     max_tiny = None  # largest W1/W1a size this contender runs (None: any)
     module = None  # the import that makes it available (None: always available)
     path_option = None  # the option naming the folder it is imported from
@@ -212,6 +287,13 @@ class Adapter:
 
     def roundtrip(self, fn, arg):
         return self.map(fn, [arg])[0]
+
+    def execute(self, tasks):
+        raise NotImplementedError
+
+    def plain_map(self, fn, args):
+        """W8d: the library's own one-argument map, with its own defaults (chunking)."""
+        raise NotImplementedError
 
     def warm_up(self):
         """Let every worker run a task before the clock starts."""
@@ -254,14 +336,18 @@ class Serial(Adapter):
 class PoolMap(Adapter):
     label = "Pool.map"
     stdlib = True
-    workloads = ("W1a", "W2", "W3", "W4", "W5", "W6")
-    calls = {"W1a": "pool.map(inc, xs)"}
+    workloads = ("W1a", "W2", "W3", "W4", "W5", "W6", "W8")
+    calls = {"W1a": "pool.map(inc, xs)", "W6": "pool.apply_async(adder, (i,)).get()",
+             "W8": "pool.map(slow_pair, range(4000))"}
+    makespan_cases = ("d",)
 
     def open(self):
         return self.ctx().Pool(self.workers)
 
     def map(self, fn, args):
         return self.pool.map(fn, args)
+
+    plain_map = map
 
     def roundtrip(self, fn, arg):
         return self.pool.apply_async(fn, (arg,)).get()
@@ -291,7 +377,7 @@ class PPE(Adapter):
     stdlib = True
     workloads = ("W1", "W1a", "W2", "W3", "W4", "W5", "W6")
     calls = {"W1": "list(ex.map(adder, range(n), [1] * n, chunksize=1))",
-             "W1a": "list(ex.map(inc, xs, chunksize=1))"}
+             "W1a": "list(ex.map(inc, xs, chunksize=1))", "W6": "ex.submit(adder, i).result()"}
     max_tiny = ONE_PER_MESSAGE_MAX
 
     def open(self):
@@ -308,17 +394,62 @@ class PPE(Adapter):
         return self.pool.submit(fn, arg).result()
 
 
+class PipeFloor(Adapter):
+    """W6's floor: no pool, one child process at the other end of a multiprocessing.Pipe.
+
+    Each trip sends (fn, arg), a function reference and an int pickled as the pools send them,
+    and receives fn(arg): the least any pool's round trip can cost with this start method."""
+    label = "Pipe floor (multiprocessing.Pipe, 1 child)"
+    workloads = ("W6",)
+    calls = {"W6": "conn.send((adder, i)); conn.recv()"}
+
+    @contextlib.contextmanager
+    def open(self):
+        ctx = self.ctx()
+        here, there = ctx.Pipe()
+        child = ctx.Process(target=pipe_serve, args=(there,), daemon=True)
+        child.start()
+        there.close()
+        try:
+            yield here
+        finally:
+            with contextlib.suppress(OSError):
+                here.send(None)
+            child.join(5)
+            if child.is_alive():
+                child.terminate()
+                child.join()
+            here.close()
+
+    def roundtrip(self, fn, arg):
+        self.pool.send((fn, arg))
+        return self.pool.recv()
+
+    def warm_up(self):
+        for i in range(2 * self.workers):
+            self.roundtrip(adder, i)
+
+
 class Mplite(Adapter):
     label = "mplite {v}"
     module = "mplite"
     path_option = "mplite_path"
-    workloads = ("W1", "W2", "W3", "W4", "W5", "W6")
-    calls = {"W1": "tm.execute([Task(adder, i, 1) for i in range(n)], progress=False)"}
+    workloads = ("W1", "W2", "W3", "W4", "W5", "W6", "W8")
+    calls = {"W1": "tm.execute([Task(adder, i, 1) for i in range(n)], progress=False)",
+             "W6": "tm.submit(Task(adder, i)); tm.take(timeout=None)",
+             "W8": "tm.execute(...) (a, b, c); tm.map(slow_pair, range(4000)) (d)"}
+    makespan_cases = W8_CASES
 
     def open(self):
         import mplite
-        self.Task = mplite.Task
+        self.Task, self.TaskChain = mplite.Task, mplite.TaskChain
         return mplite.TaskManager(cpu_count=self.workers, context=self.method)
+
+    def execute(self, tasks):
+        return self.pool.execute(tasks, progress=False)
+
+    def plain_map(self, fn, args):
+        return self.pool.map(fn, args)
 
     def map(self, fn, args):
         return self.pool.execute([self.Task(fn, a) for a in args], progress=False)
@@ -367,7 +498,8 @@ class MpliteImap(Mplite):
 class MplitePPE(Mplite):
     label = "mplite {v} ProcessPoolExecutor"
     workloads = ("W1", "W1a", "W2", "W3", "W4", "W5", "W6")
-    calls = {"W1": "list(ex.map(adder, range(n), [1] * n))", "W1a": "list(ex.map(inc, xs))"}
+    calls = {"W1": "list(ex.map(adder, range(n), [1] * n))", "W1a": "list(ex.map(inc, xs))",
+             "W6": "ex.submit(adder, i).result()"}
 
     def open(self):
         import mplite
@@ -386,7 +518,8 @@ class MpliteLambda(Mplite):
     """mplite with the same tiny task written as a lambda, which travels by value."""
     label = "mplite {v}, lambda task"
     workloads = ("W1", "W6")
-    calls = {"W1": "tm.execute([Task(lambda a, b: a + b, i, 1) for i in range(n)], ...)"}
+    calls = {"W1": "tm.execute([Task(lambda a, b: a + b, i, 1) for i in range(n)], ...)",
+             "W6": "tm.submit(Task(lambda a, b=1: a + b, i)); tm.take(timeout=None)"}
 
     def pairs(self, fn, n):
         return Mplite.pairs(self, adder_lambda if fn is adder else fn, n)
@@ -410,7 +543,9 @@ class Mplite1(Mplite):
     """mplite 1.3.x: execute() draws a tqdm bar unless given a pbar; take() never blocks."""
     label = "mplite {v}"
     path_option = "mplite1_path"
-    calls = {"W1": "tm.execute([Task(adder, i, 1) for i in range(n)], pbar=silent)"}
+    workloads = ("W1", "W2", "W3", "W4", "W5", "W6")  # no W8: 1.x has no tm.map
+    calls = {"W1": "tm.execute([Task(adder, i, 1) for i in range(n)], pbar=silent)",
+             "W6": "tm.submit(Task(adder, i)); poll tm.take() until not None"}
 
     def map(self, fn, args):
         return self.pool.execute([self.Task(fn, a) for a in args], pbar=_SilentBar())
@@ -482,7 +617,8 @@ class Pebble(Adapter):
     module = "pebble"
     workloads = PPE.workloads
     calls = {"W1": "list(pool.map(adder, range(n), [1] * n, chunksize=1).result())",
-             "W1a": "list(pool.map(inc, xs, chunksize=1).result())"}
+             "W1a": "list(pool.map(inc, xs, chunksize=1).result())",
+             "W6": "pool.submit(adder, None, i).result()"}
     max_tiny = ONE_PER_MESSAGE_MAX
 
     def open(self):
@@ -509,7 +645,7 @@ class Mpire(Adapter):
     module = "mpire"
     workloads = PPE.workloads
     calls = {"W1": "pool.map(adder, [(i, 1) for i in range(n)])",
-             "W1a": "pool.map(inc, [(x,) for x in xs])"}
+             "W1a": "pool.map(inc, [(x,) for x in xs])", "W6": "pool.apply(adder, args=(i,))"}
 
     def open(self):
         import mpire
@@ -535,6 +671,7 @@ CONTENDERS = {
     "Pool.starmap": PoolStarmap,
     "Pool.imap": PoolImap,
     "ProcessPoolExecutor": PPE,
+    "pipe-floor": PipeFloor,
     "mplite": Mplite,
     "mplite.map": MpliteMap,
     "mplite.imap": MpliteImap,
@@ -675,6 +812,77 @@ def w7_stream(pool, n):
     return measured
 
 
+def _w8_case(run):
+    """One W8 case: run() -> {"seconds": ..., ...}, or {"error": why}, so one case that fails
+    (say, a TaskChain an engine can't run) still leaves the others' numbers."""
+    try:
+        return run()
+    except Exception as e:
+        return {"error": "%s: %s" % (type(e).__name__, (str(e).strip().splitlines() or [""])[-1])}
+
+
+def _w8a_chain_then_touch(fresh):
+    """W8a on a fresh pool, its start() inside the timing: a chain whose second step waits for
+    a file, and a task that creates the file. Fast only if the touch runs on the other worker
+    while the chain's step waits; behind it, it takes W8_WAIT s and the step reports False."""
+    folder = tempfile.mkdtemp(prefix="mplite-bench-w8a-")
+    path = os.path.join(folder, "touched")
+    try:
+        t0 = time.perf_counter()
+        fresh.start()
+        try:
+            tasks = [fresh.TaskChain(fresh.Task(identity, path), next_task=then_wait_for_file),
+                     fresh.Task(touch, path)]
+            out = fresh.execute(tasks)
+            seconds = time.perf_counter() - t0
+        finally:
+            fresh.stop()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    _check(len(out) == 2 and out[0] in (True, False) and out[1] is True, "W8a: %r" % (out,))
+    return {"seconds": seconds, "seen": out[0]}
+
+
+def _w8_timed(call, expected, what):
+    t0 = time.perf_counter()
+    out = call()
+    seconds = time.perf_counter() - t0
+    _check(out == expected, what)
+    return {"seconds": seconds}
+
+
+def w8_makespan(pool, size=None):
+    """W8 makespan: the cases in pool.makespan_cases, each timed on its own (see W8_CASES).
+
+    a: a fresh pool (see _w8a_chain_then_touch); then one pool, started and warmed up outside
+    the timing, runs b, c and d in turn: b: 2000 tiny tasks, then 4 x a 1 s sleep; c: the same
+    list reversed; d: plain_map(slow_pair, range(4000)), two adjacent 1 s calls in it."""
+    cases, t0 = {}, time.perf_counter()
+    if "a" in pool.makespan_cases and pool.workers >= 2:  # one worker always waits W8_WAIT s
+        fresh = type(pool)(pool.workers, pool.method)
+        cases["a"] = _w8_case(lambda: _w8a_chain_then_touch(fresh))
+    if set(pool.makespan_cases) & {"b", "c", "d"}:
+        pool.start()
+        try:
+            pool.warm_up()
+            if "b" in pool.makespan_cases:
+                Task = pool.Task
+                tasks = ([Task(identity, i) for i in range(W8_TINY)]
+                         + [Task(time.sleep, W8_SLEEP)] * W8_SLEEPS)  # as a user writes it
+                expected = list(range(W8_TINY)) + [None] * W8_SLEEPS
+                cases["b"] = _w8_case(lambda: _w8_timed(
+                    lambda: pool.execute(tasks), expected, "W8b"))
+                cases["c"] = _w8_case(lambda: _w8_timed(  # right after b, on the same pool
+                    lambda: pool.execute(tasks[::-1]), expected[::-1], "W8c"))
+            if "d" in pool.makespan_cases:
+                xs = list(range(W8_CALLS))
+                cases["d"] = _w8_case(lambda: _w8_timed(
+                    lambda: pool.plain_map(slow_pair, xs), xs, "W8d"))
+        finally:
+            pool.stop()
+    return {"seconds": time.perf_counter() - t0, "cases": cases}
+
+
 class Workload:
     def __init__(self, key, title, unit, higher_is_better, run, fmt, sized=False):
         self.key, self.title, self.unit = key, title, unit
@@ -700,6 +908,7 @@ WORKLOADS = {w.key: w for w in [
     Workload("W5", "W5 payload", "MB/s", True, w5_payload, "{:,.0f}"),
     Workload("W6", "W6 latency", "\u00b5s/trip", False, w6_latency, "{:,.0f}"),
     Workload("W7", "W7 imap stream", "tasks/s", True, w7_stream, "{:,.0f}", True),
+    Workload("W8", "W8 makespan", "s", False, w8_makespan, "{:.2f}"),
 ]}
 TINY = ("W1", "W1a")
 
@@ -807,7 +1016,18 @@ def metric(key, run, workers):
         return 2 * W5_TASKS * W5_BYTES / seconds / 1e6
     if key == "W6":
         return seconds / W6_TRIPS * 1e6
+    if key == "W8":  # the child's whole run; the tables show each case (Results.case)
+        return seconds
     raise KeyError(key)
+
+
+def w8_ideal(case, workers):
+    """W8's ideal makespan, in s, on `workers` workers (None for W8a: ~0 s plus start-up)."""
+    if case in ("b", "c"):
+        return -(-W8_SLEEPS // workers) * W8_SLEEP
+    if case == "d":
+        return -(-len(W8_SLOW) // workers) * W8_SLEEP
+    return None
 
 
 def machine_line():
@@ -853,6 +1073,15 @@ class Results:
 
     def __init__(self):
         self.runs, self.errors, self.na = {}, {}, {}
+        self.case_errors = {}  # (cell key, W8 case) -> the errors of its runs
+
+    def case(self, name, workers, method, case):
+        """A W8 case: (its runs' seconds, their results (W8a: file seen?), errors)."""
+        k = cell_key(name, workers, method, "W8", None)
+        runs = [r["cases"][case] for r in self.runs.get(k, []) if case in r["cases"]
+                and "error" not in r["cases"][case]]
+        return ([r["seconds"] for r in runs], [r.get("seen") for r in runs],
+                self.case_errors.get((k, case), []))
 
     def value(self, name, workers, method, key, size):
         runs = self.runs.get(cell_key(name, workers, method, key, size))
@@ -979,6 +1208,72 @@ def render_stream(opts, res, chosen, workers, method):
     return lines + [""]
 
 
+def render_latency(opts, res, chosen, workers, method):
+    """W6: us per trip, and that as a multiple of the stdlib ProcessPoolExecutor's and of the
+    Pipe floor's."""
+    names = [n for n in chosen if "W6" in CONTENDERS[n].workloads]
+    if not names:
+        return []
+    refs = ("ProcessPoolExecutor", "pipe-floor")
+    lines = ["*W6: %d sequential round trips of adder(i); time per trip as a multiple of the "
+             "stdlib ProcessPoolExecutor's and of the Pipe floor's (lower = faster)*" % W6_TRIPS,
+             "", "| contender | call | \u00b5s/trip \u2193 | \u00f7 ProcessPoolExecutor \u2193 | "
+             "\u00f7 Pipe floor \u2193 |", "|---|---|---:|---:|---:|"]
+    for name in names:
+        cells = [_cell(res, chosen, name, workers, method, "W6", None)]
+        v = res.value(name, workers, method, "W6", None)
+        for ref in refs:
+            r = res.value(ref, workers, method, "W6", None)
+            cells.append("\u2014" if v is None or r is None else "%.2f\u00d7" % (v / r))
+        lines.append("| %s | `%s` | %s |" % (_label(chosen, name, method),
+                                             CONTENDERS[name].calls.get("W6", ""),
+                                             " | ".join(cells)))
+    return lines + [""]
+
+
+def render_makespan(opts, res, chosen, workers, method):
+    """W8: each case's seconds (median) and seconds / ideal."""
+    names = [n for n in chosen if "W8" in CONTENDERS[n].workloads]
+    if not names:
+        return []
+    heads = {"a": "a: chain + touch, fresh pool, s (file seen) \u2193",
+             "b": "b: %s tiny, then %d \u00d7 %g s, s (\u00f7 ideal %g s) \u2193" % (
+                 format(W8_TINY, ","), W8_SLEEPS, W8_SLEEP, w8_ideal("b", workers)),
+             "c": "c: b reversed, s (\u00f7 ideal %g s) \u2193" % w8_ideal("c", workers),
+             "d": "d: map over %s, 2 adjacent %g s calls, s (\u00f7 ideal %g s) \u2193" % (
+                 format(W8_CALLS, ","), W8_SLEEP, w8_ideal("d", workers))}
+    lines = ["*W8 makespan on %d workers: seconds (median), seconds / ideal, [fastest\u2013"
+             "slowest run]*" % workers, "",
+             "| contender | call | " + " | ".join(heads[c] for c in W8_CASES) + " |",
+             "|---|---|" + "---:|" * len(W8_CASES)]
+    for name in names:
+        problem = res.problem(name, workers, method, "W8", None)
+        cells = []
+        for case in W8_CASES:
+            if problem:
+                cells.append(problem)
+                continue
+            runs, seen, errors = res.case(name, workers, method, case)
+            if not runs:
+                cells.append("error" if errors else "\u2014")
+                continue
+            seconds, ideal = statistics.median(runs), w8_ideal(case, workers)
+            text = "%.2f" % seconds
+            if case == "a":
+                text += " (%d/%d)" % (sum(x is True for x in seen), len(seen))
+            elif ideal:
+                text += " (%.2f\u00d7)" % (seconds / ideal)
+            if len(runs) > 1:  # a schedule may differ from run to run: show how far
+                text += " [%.2f\u2013%.2f]" % (min(runs), max(runs))
+            if errors:
+                text += ", %d error(s)" % len(errors)
+            cells.append(text)
+        lines.append("| %s | `%s` | %s |" % (_label(chosen, name, method),
+                                             CONTENDERS[name].calls.get("W8", ""),
+                                             " | ".join(cells)))
+    return lines + [""]
+
+
 def targets(opts, res, chosen, method):
     """Issue 8's goals at 2 workers, as (what, measured, met) rows."""
     rows, w = [], 2
@@ -1019,6 +1314,15 @@ def targets(opts, res, chosen, method):
         rss = res.rss("mplite.imap", w, method, "W7", n)
         row("W7: tm.imap over a %s-item generator \u2264 100 MB peak RSS" % format(n, ","),
             rss and rss[0], lambda mb: mb <= 100, "%.0f MB", needs=("mplite.imap",))
+    if "W6" in opts.workloads:
+        for name, what in (("mplite", "TaskManager submit + take(timeout=None)"),
+                           ("mplite.PPE", "mplite ProcessPoolExecutor.submit().result()")):
+            row("W6: %s \u2264 0.5\u00d7 stdlib ProcessPoolExecutor.submit().result() "
+                "(time per trip)" % what, ratio(name, "ProcessPoolExecutor", "W6", None),
+                lambda r: r <= 0.5, needs=(name, "ProcessPoolExecutor"))
+            row("W6 (moonshot): %s \u2264 2\u00d7 the Pipe floor (time per trip)" % what,
+                ratio(name, "pipe-floor", "W6", None), lambda r: r <= 2.0,
+                needs=(name, "pipe-floor"))
     if "W4" in opts.workloads and method == "spawn":
         v = ratio("mplite", "ProcessPoolExecutor", "W4", None)
         row("W4 spawn: mplite start-up \u2264 1.1\u00d7 ProcessPoolExecutor's", v,
@@ -1068,7 +1372,7 @@ def render(opts, chosen, skipped, res, elapsed, load_before):
             load_average()),
         "",
     ]
-    main_keys = [k for k in opts.workloads if k not in TINY and k != "W7"]
+    main_keys = [k for k in opts.workloads if k not in TINY and k not in ("W6", "W7", "W8")]
     for workers in opts.workers:
         for method in opts.methods:
             lines += ["**%d workers, start method: %s**" % (workers, method), ""]
@@ -1076,8 +1380,12 @@ def render(opts, chosen, skipped, res, elapsed, load_before):
                 if key in opts.workloads:
                     lines += render_tiny(opts, res, chosen, key, workers, method)
             lines += render_main(opts, res, chosen, main_keys, workers, method)
+            if "W6" in opts.workloads:
+                lines += render_latency(opts, res, chosen, workers, method)
             if "W7" in opts.workloads:
                 lines += render_stream(opts, res, chosen, workers, method)
+            if "W8" in opts.workloads:
+                lines += render_makespan(opts, res, chosen, workers, method)
             if workers == 2:
                 rows = targets(opts, res, chosen, method)
                 if rows:
@@ -1100,10 +1408,17 @@ def render(opts, chosen, skipped, res, elapsed, load_before):
         "W2: 40 x 50 ms CPU, efficiency = the tasks' CPU seconds / (workers x wall); W3: "
         "56 x 10 ms + 4 x 400 ms last, makespan / max(tasks' CPU seconds / workers, longest "
         "task); W4: start, one task, stop; W5: 16 x 16 MiB echoed, MB/s both ways; W6: 500 "
-        "sequential round trips; W7: tm.imap over a generator, results dropped. "
+        "sequential round trips (Pipe floor: no pool, a bare multiprocessing.Pipe to one child "
+        "that runs the same call); W7: tm.imap over a generator, results dropped; W8: "
+        "makespans with known ideals (a: a TaskChain whose second step waits up to %g s for "
+        "a file that the next task creates, on a fresh pool whose start is timed: the count "
+        "is the runs whose step saw the file; b: %d tiny tasks then %d x a %g s sleep; c: "
+        "the same reversed, right after b on the same pool; d: a map over %d calls of which "
+        "two adjacent ones sleep %g s). "
         "Pool.imap W4/W6: same pool as Pool.map. joblib runs loky's own start method (a fresh "
         "interpreter, like spawn) under every method. The serial row depends on neither the "
-        "start method nor the worker count." % opts.repeat,
+        "start method nor the worker count." % (opts.repeat, W8_WAIT, W8_TINY, W8_SLEEPS,
+                                                 W8_SLEEP, W8_CALLS, W8_SLEEP),
     ]
     if skipped:
         lines += ["", "Skipped: " + "; ".join(skipped) + "."]
@@ -1162,6 +1477,13 @@ def parent_main(opts):
             log("%s: %.4f s%s" % (what, measured["seconds"], "" if "rss_peak_kib" not in
                                   measured else ", peak RSS %.0f MB" %
                                   (measured["rss_peak_kib"] * 1024 / 1e6)))
+            for case, got in sorted(measured.get("cases", {}).items()):
+                if "error" in got:
+                    res.case_errors.setdefault((where, case), []).append(got["error"])
+                    log("    W8%s: FAILED %s" % (case, got["error"]))
+                else:
+                    log("    W8%s: %.3f s%s" % (case, got["seconds"], "" if "seen" not in got
+                                                else " (file seen: %s)" % got["seen"]))
 
     report = render(opts, chosen, skipped, res, time.perf_counter() - started, load_before)
     print(report)
@@ -1170,7 +1492,9 @@ def parent_main(opts):
             f.write(report)
     for (workers, name, method, key, size), error in res.errors.items():
         log("FAILED %dw %s %s %s %s: %s" % (workers, method, key, size, name, error))
-    return 1 if res.errors else 0
+    for ((workers, name, method, key, _), case), errors in res.case_errors.items():
+        log("FAILED %dw %s %s%s %s: %s" % (workers, method, key, case, name, errors[0]))
+    return 1 if res.errors or res.case_errors else 0
 
 
 def _int_list(text):
