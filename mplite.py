@@ -12,16 +12,14 @@
             tm.submit(Task(add, 40, 2))
             print(tm.take(timeout=None))                                # 42
 
-``execute`` returns results in input order and shows a progress bar on stderr; ``map`` and
-``imap`` do the same for one function over an iterable, ``imap`` lazily. A task that raises,
-kills its worker or runs past its ``timeout`` gets an error as its result (its traceback text,
-or with ``error_mode="exception"`` the exception raised in the caller); every other task still
-runs, and a dead worker is replaced. Task functions may be lambdas, closures, or typed into a
-notebook: what the workers can't import by name travels by value.
+``execute`` returns results in input order and shows a progress bar on stderr; ``map`` and ``imap`` do the
+same for one function over an iterable, ``imap`` lazily. A task that raises, kills its worker or runs past its
+``timeout`` gets an error as its result (its traceback text, or with ``error_mode="exception"`` the exception
+raised in the caller); every other task still runs, and a dead worker is replaced. Task functions may be
+lambdas, closures, or typed into a notebook: what the workers can't import by name travels by value.
 
-The pool works in the background: submitted tasks run while your program does something
-else, and every method may be called from any number of threads at once. Code written for
-``concurrent.futures`` or asyncio can use the same engine through ``ProcessPoolExecutor``:
+The pool works in the background, and every method may be called from any number of threads at once. Code
+written for ``concurrent.futures`` or asyncio can use the same engine through ``ProcessPoolExecutor``:
 
     from mplite import ProcessPoolExecutor
 
@@ -30,12 +28,12 @@ else, and every method may be called from any number of threads at once. Code wr
         print(future.result())                  # 42
         print(list(ex.map(add, [1, 2], [3, 4])))  # [4, 6]
 
-``TaskManager(executor=client.get_executor())`` runs the same tasks on any other
-``concurrent.futures`` executor, a dask cluster say. ``python -m mplite`` runs a self-test.
+``TaskManager(executor=client.get_executor())`` runs the same tasks on any other ``concurrent.futures``
+executor, a dask cluster say. ``python -m mplite`` runs a self-test.
 
-The file reads top down: the public API; the engine (a diagram at its head), its worker
-processes and the wire; the foreign-executor backend; functions by value; the portable path;
-errors and helpers; the progress bar; the self-test.
+The file reads top down: the public API; the engine (a diagram at its head), its worker processes and the
+wire; the foreign-executor backend; functions by value; the portable path; errors and helpers; the progress
+bar; the self-test.
 
 Standard library only, Python 3.8+, Linux, macOS and Windows. MIT licence.
 """
@@ -74,8 +72,7 @@ from multiprocessing.reduction import ForkingPickler
 from operator import add, attrgetter, is_, rshift
 
 __version__ = "3.0.0"
-__all__ = ["Task", "TaskChain", "TaskManager", "ProcessPoolExecutor", "UnpicklableTaskError",
-           "WorkerDiedError"]
+__all__ = ["Task", "TaskChain", "TaskManager", "ProcessPoolExecutor", "UnpicklableTaskError", "WorkerDiedError"]
 
 # Durations are measured with perf_counter: monotonic() ticks every 15.6 ms on Windows before
 # Python 3.13, and tiny tasks would measure as taking no time at all.
@@ -97,9 +94,9 @@ _DEFAULT = object()  # "not given": lets execute(timeout=None) mean "no limit fo
 class Task(functools.partial):
     """A function call to run in a worker: ``Task(f, *args, **kwargs)``.
 
-    A Task is a functools.partial with mplite's names for its parts: ``f``, ``args``,
-    ``kwargs`` and a unique ``id``. Being one, it is built in C, at half the cost of a class
-    of our own: users build a Task per tiny task, often millions of them.
+    A functools.partial with mplite's names for its parts: ``f``, ``args``, ``kwargs`` and a unique ``id``.
+    Being one, it is built in C, at half the cost of a class of our own: users build a Task per tiny task,
+    often millions of them.
     """
     __slots__ = ("_id",)
 
@@ -110,13 +107,11 @@ class Task(functools.partial):
     @property
     def id(self):
         """A number unique to this task, drawn when first asked for (in 1.x: at creation)."""
-        try:
-            return self._id
-        except AttributeError:
+        if not hasattr(self, "_id"):
             with _id_lock:
                 if not hasattr(self, "_id"):  # another thread may have drawn it meanwhile
                     self._id = next(_ids)
-            return self._id
+        return self._id
 
     @classmethod
     def _of(cls, f, args, kwargs, id=None, attributes=None):
@@ -131,25 +126,22 @@ class Task(functools.partial):
     def __repr__(self):
         return f"Task(f={_name(self.func)}, *{self.args!r}, **{self.keywords!r})"
 
-    __str__ = __repr__
-
     def __reduce__(self):  # a copy keeps the id and attributes; a subclass may take other arguments
         return type(self)._of, (self.func, self.args, self.keywords, self.id,
                                 getattr(self, "__dict__", None) or None)
 
     def execute(self):
         """Run the task here, in this process; exceptions propagate. Handy for checking a task."""
-        return self.func(*self.args, **self.keywords)
+        return self()
 
 
 class TaskChain:
     """A task whose result decides what runs next, like a promise.
 
-    ``next_task(prev_task, result)`` returns the next ``Task`` or ``TaskChain``, or None to end
-    the chain with ``result``. In ``TaskManager.execute`` the chain's place in the results gets
-    the result of its last task. ``next_task`` runs in the parent, on the thread that runs the
-    engine at that moment (mplite's engine thread, or a caller waiting for results), so it must
-    not wait for results itself; a chain waiting for its next step blocks nothing else.
+    ``next_task(prev_task, result)`` returns the next ``Task`` or ``TaskChain``, or None to end the chain with
+    ``result``. In ``TaskManager.execute`` the chain's place in the results gets the result of its last task.
+    ``next_task`` runs in the parent, on the thread that runs the engine at that moment (mplite's engine thread,
+    or a caller waiting for results), so it must not wait for results itself; a waiting chain blocks nothing else.
     """
 
     def __init__(self, task, next_task=None):
@@ -165,27 +157,20 @@ class TaskChain:
         t = self.task
         return f"TaskChain(f={_name(t.f)}, *{t.args!r}, **{t.kwargs!r}, is_last={self.next is None})"
 
-    __str__ = __repr__
-
     def execute(self):
         """Run the whole chain here, in this process, and return the result of its last task."""
-        chain = self
-        while True:
-            result = chain.task.execute()
-            step = _next_step(chain, result)
-            if step is None:
-                return result
-            if isinstance(step, Task):
-                return step.execute()
-            chain = step
+        step = self
+        while isinstance(step, TaskChain):
+            result = step.task.execute()
+            step = _next_step(step, result)
+        return result if step is None else step.execute()
 
 
 class TaskManager:
     """A pool of worker processes that runs Tasks.
 
     cpu_count: number of workers (default: the CPUs this process may use).
-    context: "spawn" (the default, also for None), "fork", "forkserver" or a multiprocessing
-        context.
+    context: "spawn" (the default, also for None), "fork", "forkserver" or a multiprocessing context.
     worker_init: a Task run once in every worker before it takes work.
     error_mode: "str" (a failed task's result is its traceback text) or "exception" (the
         task's exception is raised in the caller, with the worker's traceback).
@@ -203,7 +188,6 @@ class TaskManager:
 
     def __init__(self, cpu_count=None, context="spawn", worker_init=None, error_mode="str",
                  *, timeout=None, max_tasks_per_child=None, executor=None):
-        self._ctx = _context(context)
         if executor is not None:
             if not isinstance(executor, futures.Executor):
                 raise TypeError(f"executor must be a concurrent.futures.Executor, not {type(executor).__name__}")
@@ -212,19 +196,17 @@ class TaskManager:
                                  "an executor has its own (say, ProcessPoolExecutor's initializer)")
             if cpu_count is None:
                 cpu_count = _executor_slots(executor)
-        self._executor = executor
-        self._cpu_count = _positive_int(_usable_cpus() if cpu_count is None else cpu_count, "cpu_count")
         if worker_init is not None and not isinstance(worker_init, Task):
             raise TypeError(f"worker_init must be a Task or None, not {type(worker_init).__name__}")
         if error_mode not in ("str", "exception"):
             raise ValueError(f"error_mode must be 'str' or 'exception', not {error_mode!r}")
+        self._ctx, self._cpu_count, self.timeout, self.max_tasks_per_child = _settings(
+            context, cpu_count, "cpu_count", timeout, max_tasks_per_child)
+        self._executor = executor
         self.worker_init = worker_init
         self.error_mode = error_mode
-        self.timeout = _seconds(timeout, "timeout")
-        self.max_tasks_per_child = (None if max_tasks_per_child is None
-                                    else _positive_int(max_tasks_per_child, "max_tasks_per_child"))
         self._engine = None
-        self._lock = threading.Lock()  # guards _engine: start() and stop() may come from any thread
+        self._lock = threading.Lock()  # guards _engine: start() and stop() come from any thread
 
     def __repr__(self):
         state = "running" if self._engine else "stopped"
@@ -248,22 +230,19 @@ class TaskManager:
         with self._lock:
             engine = self._engine
             if engine is None or engine.closed:
-                if self._executor is not None:
-                    backend = _ExecutorBackend(self._executor)
-                else:
-                    backend = _Processes(self._ctx, self.worker_init, self.max_tasks_per_child, "worker_init")
+                backend = (_Processes(self._ctx, self.worker_init, self.max_tasks_per_child, "worker_init")
+                           if self._executor is None else _ExecutorBackend(self._executor))
                 engine = _Engine(backend, self._cpu_count)
                 engine.start()
                 self._engine = engine
                 self._finalizer = weakref.finalize(self, engine.close)  # a manager dropped unstopped
-        if self.worker_init is None:
-            return
-        try:
-            self._wait(engine, engine.ready.is_set, engine.ready.wait, None)
-            engine.raise_if_broken()  # a failing worker_init raises here
-        except BaseException:
-            self._stop(0, engine)
-            raise
+        if self.worker_init is not None:
+            try:
+                self._wait(engine, engine.ready)
+                engine.raise_if_broken()  # a failing worker_init raises here
+            except BaseException:
+                self._stop(0, engine)
+                raise
 
     def stop(self):
         """Stop the workers; unfinished tasks are dropped, and calls waiting for them in other
@@ -300,25 +279,22 @@ class TaskManager:
     def imap(self, f, iterable, *, timeout=_DEFAULT):
         """map() as an iterator: the results of f(x), in order, as they come.
 
-        The input is read as the results are taken, a little ahead of them: it may be endless,
-        and the memory used doesn't grow with its length. Closing the iterator (or leaving a
-        for loop over it) drops the tasks not yet taken. An error raised by the input itself
-        is raised after the results of the items before it.
+        The input is read as the results are taken, a little ahead of them: it may be endless, and the memory
+        used doesn't grow with its length. Closing the iterator (or leaving a for loop over it) drops the tasks
+        not yet taken. An error raised by the input itself is raised after the results of the items before it.
         """
         engine = self._running()
         _check_functions([_mappable(f)], engine.backend.forked_main)
         return self._stream(engine, f, iter(iterable), self._timeout(timeout))
 
-    def _call(self, engine, call, tqdm, pbar, progress):
-        """Run an execute() or map(): wait for all its results."""
+    def _call(self, engine, call, tqdm, pbar, progress):  # execute() and map()
         bar = _progress_bar(len(call.items), tqdm, pbar, progress and bool(call.items))
         if not call.items:
             return []
         engine.refuse_inside_turn()  # before its work is queued: nobody would wait for it
         try:
             engine.put(_Job(call, 0, len(call.items)))
-            while not self._wait(engine, call.done.is_set, call.done.wait,
-                                 None if bar is None else _REDRAW_SECONDS):
+            while not self._wait(engine, call.done, None if bar is None else _REDRAW_SECONDS):
                 call.report(bar)
             if bar is not None:
                 call.report(bar)
@@ -330,15 +306,13 @@ class TaskManager:
         return call.results
 
     def _stream(self, engine, f, inputs, timeout):
-        """imap(): the window starts at a few tasks per worker and grows with the results
-        taken, up to a limit: what is read ahead stays bounded, and small for a consumer that
-        takes few results."""
+        """imap(): the window starts at a few tasks per worker and grows with the results taken, up to a
+        limit: what is read ahead stays bounded, and small for a consumer that takes few results."""
         engine.refuse_inside_turn()
         limit = 4 * _MAX_BATCH * self._cpu_count
         stream = _Stream(engine, f, False, inputs, timeout,
                          lambda taken: min(limit, max(4 * self._cpu_count, taken)))
-        yield from stream.results(lambda call: self._wait(engine, call.done.is_set, call.done.wait, None),
-                                  self._unpack_failure)
+        yield from stream.results(lambda call: self._wait(engine, call.done), self._unpack_failure)
 
     def _unpack_failure(self, failure):
         if self.error_mode == "exception":
@@ -374,13 +348,11 @@ class TaskManager:
         timeout=0 returns at once; a number waits up to that many seconds; None waits until a
         result is ready (or returns None at once when no task is open).
         """
-        if timeout is not None:
-            timeout = _seconds(timeout, "timeout", zero_ok=True)
+        timeout = _seconds(timeout, "timeout", zero_ok=True)
         engine = self._running()
-        finished = self._wait(engine, None, engine.inbox.get, timeout)
-        if finished is None or finished is _TIMED_OUT:
-            return None
-        return self._unpack(finished)[1]
+        finished = self._wait(engine, None, timeout)
+        if finished is not None and finished is not _TIMED_OUT:
+            return self._unpack(finished)[1]
 
     def as_completed(self, timeout=None):
         """Yield (task, result) for each submitted task as it finishes, until none is open.
@@ -394,7 +366,7 @@ class TaskManager:
         deadline = None if timeout is None else _now() + timeout
         while True:
             left = None if deadline is None else max(0.0, deadline - _now())
-            finished = self._wait(engine, None, engine.inbox.get, left)
+            finished = self._wait(engine, None, left)
             if finished is None:
                 return
             if finished is _TIMED_OUT:
@@ -415,48 +387,41 @@ class TaskManager:
             raise engine.refusal()
         return engine
 
-    def _wait(self, engine, done, sleep, timeout):
-        """engine.wait(done, sleep, timeout), or with no done(), engine.inbox.get(timeout).
+    def _wait(self, engine, event, timeout=None):
+        """Wait through the engine for a threading.Event, or (None) for the inbox's next task.
         Ctrl-C stops the pool at once: no process is left."""
         try:
-            if done is None:
-                return sleep(engine, timeout)
-            return engine.wait(done, sleep, timeout)
+            if event is None:
+                return engine.inbox.get(engine, timeout)
+            return engine.wait(event.is_set, event.wait, timeout)
         except KeyboardInterrupt:
             self._stop(0, engine)
             raise
 
     def _unpack(self, finished):
         item, ok, value = finished
-        if ok:
-            return item, value
-        return item, self._unpack_failure(value)
+        return item, (value if ok else self._unpack_failure(value))
 
 
 class ProcessPoolExecutor(futures.Executor):
     """``concurrent.futures.ProcessPoolExecutor`` on mplite's engine: change one import.
 
-    As the standard library's, with mplite's guarantees: a task that kills its worker fails
-    only its own future (with WorkerDiedError, a BrokenProcessPool), the executor goes on; a
-    task past ``timeout`` seconds fails with TimeoutError and its worker is replaced; a future's
-    exception carries the worker's traceback. mp_context=None means spawn; batching is
-    automatic, so ``map``'s chunksize is accepted and ignored. A future counts as running once
-    it is assigned to a worker: until then cancel() and shutdown(cancel_futures=True) cancel it.
+    As the standard library's, with mplite's guarantees: a task that kills its worker fails only its own future
+    (with WorkerDiedError, a BrokenProcessPool), the executor goes on; a task past ``timeout`` seconds fails with
+    TimeoutError and its worker is replaced; a future's exception carries the worker's traceback. mp_context=None
+    means spawn; batching is automatic, so ``map``'s chunksize is accepted and ignored. A future counts as
+    running once it is assigned to a worker: until then cancel() and shutdown(cancel_futures=True) cancel it.
     """
 
     def __init__(self, max_workers=None, mp_context=None, initializer=None, initargs=(), *,
                  max_tasks_per_child=None, timeout=None):
-        if max_workers is None:
-            max_workers = _usable_cpus()
-        elif isinstance(max_workers, int) and not isinstance(max_workers, bool) and max_workers <= 0:
-            raise ValueError("max_workers must be greater than 0")
+        if isinstance(max_workers, int) and not isinstance(max_workers, bool) and max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")  # the standard library's words
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
-        self._timeout = _seconds(timeout, "timeout")
-        self._mp_context = _context(mp_context)
-        self._max_workers = _positive_int(max_workers, "max_workers")
+        self._mp_context, self._max_workers, self._timeout, max_tasks = _settings(
+            mp_context, max_workers, "max_workers", timeout, max_tasks_per_child)
         init = None if initializer is None else Task(initializer, *initargs)
-        max_tasks = None if max_tasks_per_child is None else _positive_int(max_tasks_per_child, "max_tasks_per_child")
         self._engine = _Engine(_Processes(self._mp_context, init, max_tasks, "initializer"), self._max_workers,
                                drain_at_exit=True)
         self._shutdown_lock = threading.Lock()
@@ -488,8 +453,7 @@ class ProcessPoolExecutor(futures.Executor):
         """Like ``map(fn, *iterables)``, each call run in a worker; results in order, lazily.
 
         timeout: seconds from this call for the whole iteration (concurrent.futures.TimeoutError).
-        buffersize: at most this many calls submitted ahead of the results you have taken
-        (as Python 3.14's; None submits every call at once).
+        buffersize: at most this many calls sent ahead of the results taken (None: all at once; as Python 3.14's).
         """
         if not isinstance(chunksize, int) or chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
@@ -523,10 +487,8 @@ class ProcessPoolExecutor(futures.Executor):
         with self._shutdown_lock:
             self._shut.set()
         if cancel_futures:
-            try:
+            with contextlib.suppress(RuntimeError):  # closed meanwhile (a BrokenProcessPool too): nothing waits
                 self._engine.put(self._engine.cancel_pending)
-            except RuntimeError:  # it closed meanwhile (BrokenProcessPool is one): nothing waits
-                pass
         self._engine.close(1.0, drain=True, wait=wait)
 
     def __exit__(self, exc_type, exc_val, exc_tb):
@@ -535,7 +497,13 @@ class ProcessPoolExecutor(futures.Executor):
             self._engine.close(0)
         else:
             self.shutdown(wait=True)
-        return False
+
+
+def _settings(context, size, size_name, timeout, max_tasks):
+    """The settings TaskManager and ProcessPoolExecutor share, checked: (context, size, timeout, max_tasks)."""
+    return (_context(context), _positive_int(_usable_cpus() if size is None else size, size_name),
+            _seconds(timeout, "timeout"),
+            None if max_tasks is None else _positive_int(max_tasks, "max_tasks_per_child"))
 
 
 def _refuse_after(shut):
@@ -565,13 +533,12 @@ class WorkerDiedError(ChildProcessError, BrokenProcessPool):
 # ---------------------------------------------------------------------------------------------
 # Owners: what callers wait on, which the engine fills in
 #
-# Every piece of work belongs to an owner: an execute() or map() call (_Call), a chunk of a
-# stream (_Mapped), a submitted task (_Submitted, whose result goes to the inbox), or a future
-# (_FutureTask). The engine speaks to every owner the same way: claim() before it sends a task,
-# deliver(slot, ok, value) for each finished task, where a failed task's value is a _Failure
-# (deliver_results for a run of plain results at once), and stopped(error) for work that will
-# never finish. The owner alone decides what a failure becomes: text, an exception raised in
-# its caller, or a future's exception. Callers wait through _Engine.wait(), and nothing else.
+# Every piece of work belongs to an owner: an execute() or map() call (_Call), a chunk of a stream (_Mapped),
+# a submitted task (_Submitted, whose result goes to the inbox), or a future (_FutureTask). The engine speaks to
+# every owner the same way: claim() before it sends a task, deliver(slot, ok, value) for each finished task,
+# where a failed task's value is a _Failure (deliver_results for a run of plain results at once), and
+# stopped(error) for work that will never finish. The owner alone decides what a failure becomes: text, an
+# exception raised in its caller, or a future's exception. Callers wait through _Engine.wait(), and nothing else.
 # ---------------------------------------------------------------------------------------------
 
 _TIMED_OUT = object()
@@ -618,7 +585,7 @@ class _Owner:
 class _Call(_Owner):
     """One execute() call: its tasks, their results in input order, and how many are to come."""
     __slots__ = ("items", "results", "left", "timeout", "errors", "plain", "f", "key",
-                 "failure", "kept", "cancelled", "shown", "done")
+                 "failure", "cancelled", "shown", "done")
 
     def __init__(self, items, kinds, timeout, errors, f=None):
         self.items = items  # what runs next for each slot: a Task, or a TaskChain's current step
@@ -633,7 +600,6 @@ class _Call(_Owner):
             self.f = items[0].func
         self.key = _timing_key(f or items[0].func) if one and items else None
         self.failure = None
-        self.kept = False  # a _Failure is among the results (_KEEP)
         self.cancelled = False
         self.shown = 0
         self.done = threading.Event()
@@ -658,20 +624,11 @@ class _Call(_Owner):
                 self.done.set()
 
     def deliver(self, slot, ok, value):
-        if self.cancelled:
-            return
-        if ok:
-            self.results[slot] = value
-        elif self.errors == _RAISE or (value.refused and self.errors == _TEXT):
-            return self.abort(value)  # a task that can't even be sent: bad input, the call fails
-        elif self.errors == _KEEP:
-            self.results[slot] = value
-            self.kept = True
-        else:
-            self.results[slot] = value.text
-        self.left -= 1
-        if not self.left:
-            self.done.set()
+        if not (ok or self.errors == _KEEP or self.cancelled):
+            if self.errors == _RAISE or value.refused:  # refused: it can't even be sent, bad input
+                return self.abort(value)
+            value = value.text
+        self.deliver_results(slot, [value])
 
     def abort(self, failure):
         self.failure = failure
@@ -712,9 +669,8 @@ class _Mapped(_Call):
 
 
 class _Stream:
-    """The results of a function over an input, in order, as an iterator, for imap() and
-    ProcessPoolExecutor.map(). The input goes out in chunks, each a _Mapped call, at most a
-    window ahead of the results taken; window(taken) says how far."""
+    """An iterator of a function's results over an input, in order, for imap() and ProcessPoolExecutor.map().
+    The input goes out in chunks (_Mapped calls), at most window(taken) inputs ahead of the results taken."""
 
     def __init__(self, engine, f, star, inputs, timeout, window, may_send=None):
         self.engine = engine
@@ -770,11 +726,11 @@ class _Stream:
                 self.ahead -= len(results)
                 self.taken += len(results)
                 results.reverse()  # popped from the end: each goes as it is yielded
-                while results:
-                    result = results.pop()
-                    if result.__class__ is _Failure:
-                        result = raise_error(result)
-                    yield result
+                while results:  # no local name for a result: it would outlive its yield
+                    if results[-1].__class__ is _Failure:
+                        yield raise_error(results.pop())
+                    else:
+                        yield results.pop()
         finally:
             if calls:  # left early: drop the rest
                 self.engine.drop(calls)
@@ -851,9 +807,8 @@ class _Inbox:
 
 
 class _Future(futures.Future):
-    """The executor's futures: a concurrent.futures.Future whose result() and exception()
-    run mplite's engine while they wait (see _Engine.wait), so a result reaches its caller
-    with no thread hand-off."""
+    """The executor's futures: a concurrent.futures.Future whose result() and exception() run mplite's engine
+    while they wait (see _Engine.wait), so a result reaches its caller with no thread hand-off."""
 
     def __init__(self, engine):
         super().__init__()
@@ -907,10 +862,8 @@ class _FutureTask(_Owner):
         self._settle(self.future.set_exception, type(error)(*error.args))
 
     def _settle(self, how, value):
-        try:
+        with contextlib.suppress(futures.InvalidStateError):  # cancelled by its owner meanwhile
             how(value)
-        except futures.InvalidStateError:  # cancelled by its owner meanwhile
-            pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2324,50 +2277,46 @@ def _journal_answers(journal):
 # ---------------------------------------------------------------------------------------------
 # Workers elsewhere: TaskManager(executor=...) on any concurrent.futures executor
 #
-# The same engine and owners, with submissions to an executor (dask's client.get_executor(),
-# say) in place of worker processes. The turn still owns every record: `submitted` says which
-# submission holds which tasks; a future's callback only hands its outcome back as a command.
-# What differs, and why:
-#   - A submission is one call of _run_remote(token, runs), many tasks at once: an executor
-#     costs milliseconds a submission (dask 3-6 ms), so tasks travel in batches of about
-#     _REMOTE_BATCH_SECONDS of measured work, one at a time while unmeasured or when long.
-#     Arguments are positional only (dask keeps some keywords, `key` or `pure`, for itself),
-#     and the token makes each submission unique (dask runs identical "pure" calls once).
-#   - A task's outcome is made where it ran: its result, or its traceback as text with the
-#     exception pickled, so it survives any serializer.
-#   - When the executor fails a whole submission (a worker died: dask's KilledWorker, a
-#     BrokenProcessPool), its tasks become suspects: they run again one at a time with nothing
-#     else of this manager in flight, and a task is blamed only when it fails alone. So a task
-#     may run more than once there (dask itself also reruns work of a dead worker).
-#   - A timeout can't stop a remote task. The task gets its TimeoutError at the deadline, and
-#     its submission keeps its place in flight until the executor is done with it: a task
-#     with a timeout goes alone, so none waits behind a stuck one and times out for its sake.
-#   - Before the first submission of a module's function, a probe checks that the executor's
-#     workers can import it (and mplite): bytes that unpickle there as the module's name,
-#     standard-library code only. dask hangs on a task it can't unpickle; this fails clearly.
-#   - A future is let go as soon as its outcome is in: dask recomputes the results it still
-#     holds when their worker dies.
+# The same engine and owners, submitting to an executor (dask's client.get_executor(), say)
+# instead of worker processes. The turn owns every record (`submitted`: which submission holds
+# which tasks); a future's callback only hands its outcome back as a command. What differs:
+#   - A submission, one _run_remote(token, runs) call, costs milliseconds (dask: 3-6 ms): tasks
+#     go in batches of about _REMOTE_BATCH_SECONDS of measured work, alone while unmeasured or
+#     long. Arguments are positional (dask keeps `key`, `pure`); the token makes each submission
+#     unique (dask runs identical "pure" calls once).
+#   - Outcomes are made where tasks ran: a result, or the traceback as text and the exception
+#     pickled, so they survive any serializer.
+#   - A submission the executor fails (a dead worker: KilledWorker, BrokenProcessPool) turns
+#     its tasks into suspects, each rerun alone with nothing else of ours in flight, and blamed
+#     only if it fails so: a task may run twice (dask too reruns a dead worker's work).
+#   - A timeout can't stop a remote task: it gets its TimeoutError at the deadline, and its
+#     submission stays in flight until the executor is done. A timed task goes alone, so none
+#     times out for a stuck one ahead.
+#   - A probe (standard-library bytes that unpickle as a module's name) checks that the workers
+#     can import a function's module, and mplite, before its first submission: dask hangs on a
+#     task it can't unpickle; this fails clearly.
+#   - A future is let go once its outcome is in: dask recomputes results it holds when their
+#     worker dies.
 #
 # To delete this feature: remove this section, the `executor` argument of TaskManager (and
 # _executor_slots), and the bytes case of _run_calls.
 # ---------------------------------------------------------------------------------------------
 
-_REMOTE_BATCH_SECONDS = 0.3  # dask: batches of 0.1 s lost 15 % of W2 (40 x 50 ms) to its overhead; 0.3 s, 3 %
+_REMOTE_BATCH_SECONDS = 0.3  # dask's overhead on W2 (40 x 50 ms): 15 % at 0.1 s, 3 % at 0.3 s
 _REMOTE_MAX_BATCH = 100_000
 _submissions = itertools.count(1)
-_NONCE = os.urandom(8).hex()  # with the pid and a count: unique to each submission anywhere
+_NONCE = os.urandom(8).hex()  # with the pid and a count: unique anywhere
 
 
 def _run_remote(token, runs):
-    """A submission's tasks, run wherever the executor runs it: (results, {index: failure},
-    seconds per task). token: what makes the submission unique, unused here."""
+    """A submission's tasks, run where the executor runs it: (results, {index: failure}, seconds per task)."""
     started = _now()
     results, failures = [], {}
     for i, entry in enumerate(_calls(runs)):
         try:
             f, args, kwargs = pickle.loads(entry) if entry.__class__ is bytes else entry
             results.append(f(*args, **kwargs))
-        except BaseException as exc:  # SystemExit too: it ends the task, not the executor's worker
+        except BaseException as exc:  # SystemExit too: it ends the task, not the worker
             results.append(None)
             failures[i] = _describe(exc)
     return results, failures, (_now() - started) / max(1, len(results))
@@ -2394,17 +2343,16 @@ class _ExecutorBackend:
 
     def __init__(self, executor):
         self.executor = executor
-        self.submitted = {}       # future -> _Message: the submissions in flight
-        self.suspects = deque()   # one-task jobs of submissions the executor failed
-        self.probes = {}          # module -> True (importable there), None (probing), ImportError
+        self.submitted = {}  # future -> _Message: the submissions in flight
+        self.suspects = deque()  # one-task jobs of submissions the executor failed
+        self.probes = {}  # module -> True (importable there), None (probing), ImportError
 
     def start(self, size):
         self.size = size
         self.engine.ready.set()
 
     def payload(self, task):
-        _check_functions([task], None)  # the executor pickles it, as it does
-        return None
+        _check_functions([task], None)  # no payload: the executor pickles it
 
     def dispatch(self):
         engine = self.engine
@@ -2422,8 +2370,8 @@ class _ExecutorBackend:
             msg = engine.take_batch(_REMOTE_BATCH_SECONDS, _REMOTE_MAX_BATCH, timed_alone=True)
             if msg is None:
                 return
-            states = [self._probe(name) for name in self._modules(msg.head_task().func)]
-            error = next((state for state in states if isinstance(state, ImportError)), None)
+            states = [self._probe(m) for m in self._modules(msg.head_task().func)]
+            error = next((s for s in states if isinstance(s, ImportError)), None)
             if error is not None:
                 for job in msg.jobs:
                     engine.refuse(job.owner, job.start, job.stop, error)
@@ -2453,14 +2401,14 @@ class _ExecutorBackend:
         msg.where, msg.sent_at = future, _now()
         msg.began = msg.sent_at
         self.submitted[future] = msg
-        future.add_done_callback(self._landed_later)
+        future.add_done_callback(functools.partial(self._later, self._landed))
 
     def _remote_run(self, job):
         """A job's run for _run_remote: functions the executor's workers can't import by name
         (lambdas, notebook functions) travel pickled by mplite, by value."""
         f, star, items = job.owner.run(job.start, job.stop)
         if f is None:
-            return None, False, [_pickle(entry) if _by_value(entry[0]) else entry for entry in items]
+            return None, False, [_pickle(e) if _by_value(e[0]) else e for e in items]
         return (_pickle(f) if _by_value(f) else f), star, items
 
     # -- the import probe ------------------------------------------------------------------------
@@ -2468,12 +2416,10 @@ class _ExecutorBackend:
     def _modules(self, f):
         """The modules the executor's workers must import to run f: this one, and f's (unless
         it travels by value with a namespace of its own)."""
-        names = {__name__}
         name = getattr(f, "__module__", None)
         module = sys.modules.get(name)
-        if name not in ("__main__", "builtins") and module is not None and _importable(name, module):
-            names.add(name)
-        return names
+        ok = name not in ("__main__", "builtins") and module and _importable(name, module)
+        return {__name__, name} if ok else {__name__}
 
     def _probe(self, name):
         if name in self.probes:
@@ -2486,30 +2432,24 @@ class _ExecutorBackend:
         except Exception:  # it won't take the probe: the tasks will say what they meet
             self.probes[name] = True
             return True
-        future.add_done_callback(lambda future: self._later(self._probed, name, future))
+        future.add_done_callback(functools.partial(self._later, self._probed, name))
         return None
 
     def _probed(self, name, future):
         error = None if future.cancelled() else future.exception()
+        self.probes[name] = True  # imported, or another error, which the tasks will meet
         if isinstance(error, ImportError):
-            where = f"client.upload_file({getattr(sys.modules.get(name), '__file__', None) or '<its file>'!r})"
+            file = getattr(sys.modules.get(name), "__file__", None) or "<its file>"
             self.probes[name] = ImportError(
                 f"the executor's workers can't import the module {name!r}: {error}. Make it importable "
-                f"there: install it on every worker, or with dask, {where}", name=name)
-        else:
-            self.probes[name] = True  # imported (or another error, which the tasks will meet)
+                f"there: install it on every worker, or with dask, client.upload_file({file!r})", name=name)
 
     # -- outcomes --------------------------------------------------------------------------------
 
-    def _landed_later(self, future):
-        self._later(self._landed, future)
-
     def _later(self, command, *args):
         """From an executor's thread: have the turn run command(*args)."""
-        try:
+        with contextlib.suppress(RuntimeError):  # the pool has stopped: nobody waits for it
             self.engine.put(functools.partial(command, *args))
-        except RuntimeError:  # the pool has stopped: nobody waits for it
-            pass
 
     def _landed(self, future):
         msg = self.submitted.pop(future, None)
@@ -2523,7 +2463,7 @@ class _ExecutorBackend:
                 results, failures, spent = outcome
                 if len(results) != msg.owed:
                     raise ValueError(f"{len(results)} results for {msg.owed} tasks")
-            except (TypeError, ValueError) as exc:  # an executor that runs calls its own way
+            except (TypeError, ValueError) as exc:  # an executor that calls its own way
                 error = TypeError(f"the executor returned {reprlib.repr(outcome)} for a batch: {exc}")
             else:
                 if msg.key is not None:
@@ -2542,11 +2482,11 @@ class _ExecutorBackend:
             died = (f"{_short(msg.head_task())} failed on the executor, which gave: "
                     f"{type(error).__name__}: {_clip(str(error), 400)}")
             failure = _Failure.of(WorkerDiedError(died))
-            failure.exc.__cause__ = error  # raised in exception mode: the executor's own error
+            failure.exc.__cause__ = error  # the executor's own error
             self.engine.fail_head(msg, failure)
         else:
             for job in msg.jobs:  # run each alone, to find which one it was
-                self.suspects.extend(_Job(job.owner, slot, slot + 1) for slot in range(job.start, job.stop))
+                self.suspects.extend(_Job(job.owner, i, i + 1) for i in range(job.start, job.stop))
 
     # -- the engine's questions, and the end -----------------------------------------------------
 
@@ -2583,7 +2523,7 @@ def _executor_slots(executor):
     n = getattr(executor, "_max_workers", None)
     if isinstance(n, int) and n > 0:
         return n
-    try:  # dask's ClientExecutor: its client knows its cluster (mplite never imports dask)
+    try:  # dask's ClientExecutor (mplite never imports dask)
         return max(1, sum(executor._client.nthreads().values()))
     except Exception:
         return _usable_cpus()
@@ -2592,13 +2532,12 @@ def _executor_slots(executor):
 # ---------------------------------------------------------------------------------------------
 # Functions that travel by value
 #
-# pickle sends a function by name: the worker imports its module and looks it up. That fails
-# for a lambda, a nested function, and anything typed into a notebook, a REPL, `python -c` or
-# `python -` (the workers can't import that __main__). Such a function travels by value
-# instead: its code (marshal: parent and workers run the same interpreter), its closure cells,
-# defaults and the globals its code really uses. Functions from one namespace share one
-# globals dict in each worker, as a module's functions share the module. A function the
-# workers can import still travels by name, exactly as before.
+# pickle sends a function by name: the worker imports its module and looks it up. That fails for
+# a lambda, a nested function, and anything typed into a notebook, a REPL, `python -c` or
+# `python -` (the workers can't import that __main__). Such a function travels by value: its
+# code (marshal: parent and workers run the same interpreter), closure cells, defaults and the
+# globals its code really uses. Functions of one namespace share one globals dict in each
+# worker, as a module's share the module. One the workers can import still goes by name.
 #
 # To delete this feature: remove this section, and pickle with ForkingPickler.dumps where
 # _pickle is called (a message, a task, worker_init); lambdas, closures and notebook functions
@@ -2613,23 +2552,22 @@ _GLOBAL_OPS = frozenset({"LOAD_GLOBAL", "STORE_GLOBAL", "DELETE_GLOBAL", "LOAD_N
                          "LOAD_FROM_DICT_OR_GLOBALS"})
 _WRITE_OPS = frozenset({"STORE_GLOBAL", "DELETE_GLOBAL"})
 _MISSING = object()
+_is_file = functools.lru_cache(maxsize=8)(os.path.isfile)  # a stat per script, not per batch
+_main_script = {}  # these three: see _main_file, _code_info, _namespace_number
+_code_info_cache = {}
+_numbered = {}
 
 
 def _pickle(obj, forked_main=None, sent=None):
-    """obj pickled for a worker: by name where the workers can import it, else by value. The
-    fast path is multiprocessing's own pickler; the by-value one runs when that fails (a lambda)
-    or when the workers can't import __main__ (a notebook), where names mislead. forked_main: for
-    a fork pool, {name: class} of the __main__ its workers were forked with: those classes may go
-    by name even where __main__ is no file. sent: see _ByValuePickler. Raises
-    pickle.PicklingError saying what can't travel and why."""
-    out = io.BytesIO()
+    """obj pickled for a worker: by name where it can import it (multiprocessing's pickler, the
+    fast path), else by value: when that fails (a lambda), or always where __main__ is no file (a
+    notebook: names mislead). forked_main: a fork pool's {name: class} of the __main__ its workers
+    inherit: those go by name. sent: see _ByValuePickler. Raises PicklingError saying why."""
     if _importable("__main__", sys.modules["__main__"]):
-        try:
-            _ByNamePickler(out, pickle.HIGHEST_PROTOCOL).dump(obj)
+        with contextlib.suppress(*_TASK_ERRORS):
+            _ByNamePickler(out := io.BytesIO(), pickle.HIGHEST_PROTOCOL).dump(obj)
             return out.getvalue()
-        except _TASK_ERRORS:
-            out = io.BytesIO()
-    pickler = _ByValuePickler(out, forked_main, sent)
+    pickler = _ByValuePickler(out := io.BytesIO(), forked_main, sent)
     try:
         pickler.dump(obj)
     except _TASK_ERRORS as exc:
@@ -2643,9 +2581,8 @@ def _pickle(obj, forked_main=None, sent=None):
 
 
 class _ByNamePickler(ForkingPickler):
-    """multiprocessing's pickler, which sends functions by name; it gives up (for the by-value
-    one) on a function defined under the main script's `if __name__ == "__main__":`, a block
-    that a spawned worker running the script skips."""
+    """multiprocessing's pickler; it gives up (for the by-value one) on a function defined under
+    the main script's `if __name__ == "__main__":`, which a spawned worker skips."""
 
     def reducer_override(self, obj):  # not called for ints, strs, lists, dicts...
         if _under_main_guard(obj):
@@ -2699,15 +2636,9 @@ def _importable(name, module):
     return path is not None and os.path.basename(path) != "ipython"
 
 
-_is_file = functools.lru_cache(maxsize=8)(os.path.isfile)
-_main_script = {}
-
-
 def _main_file():
-    """The main script's path, if it is a file. Remembered (in _main_script: id of a __main__ ->
-    (that module, its file)): Python deletes __main__.__file__ once the script is done, and an
-    executor still sends the work it was given after that. _is_file: a stat per script, not per
-    batch."""
+    """The main script's path, if a file. Kept in _main_script (id of a __main__ -> (it, its file)):
+    Python deletes __main__.__file__ when the script ends, and an executor may send work after."""
     main = sys.modules["__main__"]
     path = getattr(main, "__file__", None)
     if path is not None:
@@ -2733,13 +2664,9 @@ def _stuck_class(cls):
     return (cls.__module__ == "__main__" or "<locals>" in cls.__qualname__) and not _by_name(cls)
 
 
-_code_info_cache = {}
-
-
 def _code_info(code):
-    """(weakref to code, marshalled code, the names its bytecode uses as globals, those it
-    writes, co_names), nested code included. Kept by id(code): reading bytecode costs ~100 us,
-    so once per code object (lambdas made in a loop share it)."""
+    """(weakref to code, marshalled code, names its bytecode uses as globals, those it writes,
+    co_names), nested code included; once per code object (~100 us; lambdas of a loop share it)."""
     import dis  # as ast in _main_guards
     info = _code_info_cache.get(id(code))
     if info is None or info[0]() is not code:
@@ -2780,12 +2707,10 @@ def _submodules(module, names):
 
 
 class _ByValuePickler(ForkingPickler):
-    """multiprocessing's pickler (its reducers kept), sending what can't go by name by value.
-    sent: a record kept per worker of the globals it already holds, {(namespace, name):
-    value}; a value sent before (the same object) is not sent again. The engine empties it
-    whenever new work arrives, so a global changed between calls reaches the workers. fresh:
-    the globals this message sends, for `sent` once it is done. by_value: the functions sent by
-    value, to name the culprit if pickling fails."""
+    """multiprocessing's pickler (its reducers kept), sending by value what can't go by name.
+    sent: per worker, {(namespace, name): value} of the globals it holds, not sent again; the
+    engine empties it when new work arrives, so changed globals reach the workers. fresh: what
+    this message sends, for `sent` once done. by_value: the functions sent so, for _culprit."""
 
     def __init__(self, file, forked_main=None, sent=None):
         super().__init__(file, pickle.HIGHEST_PROTOCOL)
@@ -2798,11 +2723,9 @@ class _ByValuePickler(ForkingPickler):
         if type(obj) is types.FunctionType:
             return NotImplemented if _by_name(obj) else self._reduce_function(obj)
         if isinstance(obj, type):
-            if not _stuck_class(obj):
-                return NotImplemented
             forked = self.forked_main
-            if forked is not None and obj.__module__ == "__main__" and forked.get(obj.__qualname__) is obj:
-                return NotImplemented  # the forked workers have it
+            if not _stuck_class(obj) or forked is not None and forked.get(obj.__qualname__) is obj:
+                return NotImplemented  # importable, or the forked workers have it
             why = ("it was defined after the pool's workers were forked" if forked is not None
                    else "it can't be imported by a worker process")
             raise pickle.PicklingError(f"class {obj.__module__}.{obj.__qualname__}: {why}, so neither it "
@@ -2859,10 +2782,6 @@ def _culprit(functions, forked_main):
                     "create that value in the worker (in worker_init, say)")
                 return (f"function {f.__module__}.{f.__qualname__} can't be sent to a worker process "
                         f"by value: its {what}, a {type(value).__qualname__}, can't be pickled: {exc}{cure}")
-    return None
-
-
-_numbered = {}
 
 
 def _namespace_number(g):
@@ -2879,10 +2798,9 @@ _assigned = {}    # id of a globals dict here -> the names its functions assign
 
 
 def _namespace(key):
-    """The one globals dict of a source namespace in this worker. A module the worker can
-    import (a script's __main__ too) lends its own, which its functions sent by name use.
-    Functions typed into a notebook share a dict of their own, as a module's functions share
-    the module; not the worker's __main__, whose names it would clash with."""
+    """The one globals dict of a source namespace in this worker: an importable module's own (a
+    script's __main__ too), which its functions sent by name use; for a notebook's functions, one
+    of their own (as a module's share the module), not the worker's __main__: names would clash."""
     if key not in _namespaces:
         name, _, _, shared = key
         fresh = {"__builtins__": builtins, "__name__": name}
@@ -2900,9 +2818,8 @@ def _function_setstate(f, state):
     key, values, writes, cells, attrs, _ = state  # _: submodules, imported by unpickling
     namespace = _namespace(key)
     # A module this worker imported: its values win, as for its functions sent by name. A
-    # notebook: a name that its functions assign (`global model` in a worker_init) belongs to
-    # the worker once there: the parent's stale copy (often a `model = None` line) doesn't
-    # overwrite it. Other globals take the parent's newest value.
+    # notebook: a name its functions assign (`global model` in a worker_init) is the worker's once
+    # there, kept from the parent's stale copy (often `model = None`); others take the newest.
     assigned = _assigned.setdefault(id(namespace), set())
     keep = namespace.keys() if key[3] else assigned & namespace.keys()
     namespace.update({n: v for n, v in values.items() if n not in keep})
@@ -2916,25 +2833,25 @@ def _function_setstate(f, state):
 # ---------------------------------------------------------------------------------------------
 # Pipes, and the portable path
 #
-# Pipes, both ways, carry a stream of frames (see the wire). A link moves those bytes over one
-# end of a Pipe. On POSIX, _FdLink reads and writes the socket's descriptor itself: one system
-# call a message, no copies, and the engine sleeps in epoll on pipes, pidfds and its wake-up
-# pipe. The portable path (Windows, or wherever MPLITE_PORTABLE=1: CI runs the suite both ways
-# on Linux) uses only what multiprocessing documents and tests on Windows:
-#   - _ConnLink: a Connection's own send_bytes and recv_bytes; each write is one message.
-#   - _WaitSelector: multiprocessing.connection.wait() on Connections and process sentinels.
-#     It takes at most 63 handles: the wake-up, a pipe per worker, and a starting worker's
-#     sentinel (see _Processes._start_missing); so at most 61 workers on Windows.
+# Pipes carry a stream of frames both ways (see the wire); a link moves those bytes over one
+# end. On POSIX, _FdLink uses the socket's descriptor itself (one system call a message, no
+# copies) and the engine sleeps in epoll on pipes, pidfds and its wake-up pipe. The portable
+# path (Windows, or MPLITE_PORTABLE=1: CI runs the suite both ways on Linux) uses only what
+# multiprocessing documents and tests on Windows:
+#   - _ConnLink: a Connection's send_bytes and recv_bytes; each write is one message.
+#   - _WaitSelector: multiprocessing.connection.wait(), which takes at most 63 handles: the
+#     wake-up, a pipe per worker and a starting worker's sentinel (see
+#     _Processes._start_missing); so at most 61 workers on Windows.
 #   - _PortableWakeUp: a multiprocessing Pipe, not a socket or an os.pipe.
-#   - A worker's death is seen from its sentinel until it is ready, from its pipe's end after.
-#     A Windows parent holds a copy of the child's end of the pipe until the child takes it
-#     over, after it has imported the main script: a worker that dies before (an unguarded
-#     script, say) closes no pipe. The portable path keeps the child's end open until the
-#     worker is ready on every system, so that Linux shows what Windows does.
+#   - A worker's death shows on its sentinel until it is ready, then on its pipe: a Windows
+#     parent holds a copy of the child's end until the child, done importing the main script,
+#     takes it over, so a worker that dies before (an unguarded script, say) closes no pipe.
+#     The portable path keeps that copy until the worker is ready on every system, so that
+#     Linux shows what Windows does.
 #   - Only the engine thread runs the turn: wait() can't be shared between threads.
 #
 # To delete the portable path (mplite then runs on POSIX only): remove this section, use
-# _FdLink, selectors.DefaultSelector and _WakeUp in its place, and the _PORTABLE cases of
+# _FdLink, selectors.DefaultSelector and _PipeWakeUp in its place, and the _PORTABLE cases of
 # _Engine._hold_turn, _exit_fd and _Processes.
 # ---------------------------------------------------------------------------------------------
 
@@ -2949,13 +2866,11 @@ class _FdLink:
         """Write byte buffers as one message: one system call, unless the message is large."""
         written = os.writev(self.fd, parts)
         for part in parts:
-            if written >= len(part):
-                written -= len(part)
-                continue
-            view = memoryview(part)[written:]
-            while view:
-                view = view[os.write(self.fd, view):]
-            written = 0
+            if written < len(part):
+                view = memoryview(part)[written:]
+                while view:
+                    view = view[os.write(self.fd, view):]
+            written = max(0, written - len(part))
 
     def read_into(self, view):
         """Read what has arrived, as much as fits (blocks until something has); 0 at EOF."""
@@ -3044,7 +2959,7 @@ if _PORTABLE:
     _Link, _Selector, _WakeUp = _ConnLink, _WaitSelector, _PortableWakeUp
 else:
     _Link, _Selector, _WakeUp = _FdLink, selectors.DefaultSelector, _PipeWakeUp
-_HANDLES = 63 if _PORTABLE else None         # what wait() takes at most
+_HANDLES = 63 if _PORTABLE else None  # what wait() takes at most
 _MAX_WORKERS = 61 if _PORTABLE else None  # the wake-up and 61 pipes, a sentinel while starting
 
 
@@ -3053,11 +2968,10 @@ _MAX_WORKERS = 61 if _PORTABLE else None  # the wake-up and 61 pipes, a sentinel
 # ---------------------------------------------------------------------------------------------
 
 class _Failure:
-    """A task's error, the one object the engine hands every owner: the text str mode
-    returns, and what it takes to raise the exception in a caller or set it on a future: blob,
-    the pickled exception, when it survived a round trip; frames, (filename, lineno, name) of the
-    worker's traceback; exc, the exception itself, for errors made in the parent; refused: the
-    task could not even be sent."""
+    """A task's error, as the engine hands it to every owner: text, what str mode returns; blob,
+    the pickled exception, if it survived a round trip; frames, (filename, lineno, name) of the
+    worker's traceback; exc, the exception, for errors made in the parent; refused: the task
+    could not even be sent."""
     __slots__ = ("text", "blob", "frames", "exc", "refused")
 
     def __init__(self, text, blob=None, frames=(), exc=None, refused=False):
@@ -3115,10 +3029,9 @@ class _RebuiltFrame(Exception):
 
 
 def _rebuild_traceback(frames):
-    """A real traceback object whose frames point at the worker's files, lines and functions.
-    For each frame, compile a `raise` placed at the same line of the same file, name its code
-    after the function, and run it: the frame it leaves behind is a stand-in for the worker's.
-    The `raise` is padded to the length of the real line, so that tracebacks underline nothing."""
+    """A real traceback whose frames point at the worker's files, lines and functions: for each,
+    a `raise` compiled at that line of that file, its code named after the function, leaves a
+    stand-in frame. It is padded to the real line's length, so that tracebacks underline nothing."""
     tb = None
     for filename, lineno, name in reversed(frames):
         lineno = lineno or 1
@@ -3175,9 +3088,8 @@ def _one_function(tasks):
 
 
 def _check_functions(tasks, forked_main):
-    """Refuse a call whose function can't travel, even by value, before any task is sent: that
-    is the usual case (tasks: one for each distinct function). Arguments are checked as their
-    batches are pickled."""
+    """Refuse a call whose function can't travel, even by value, before any task is sent (the
+    usual case; tasks: one per distinct function). Arguments are checked as batches are pickled."""
     for task in tasks:
         _pickle_task(task, forked_main, task.f)
 
@@ -3212,10 +3124,9 @@ def _exit_reason(code):
         return f"crashed with {_CRASHES[code]} (exit code {code:#010x})"
     if code >= 0:
         return f"exited with code {code}"
-    try:
+    name = f"signal {-code}"
+    with contextlib.suppress(ValueError):  # no such signal here
         name = signal.Signals(-code).name
-    except ValueError:
-        name = f"signal {-code}"
     oom = " (possibly out of memory)" if -code == getattr(signal, "SIGKILL", None) else ""
     return f"was killed by {name}{oom}"
 
@@ -3294,10 +3205,9 @@ class _ProgressBar:
         self.total = total
         self.n = self.drawn_n = self.width = 0
         self.start = self.drawn = _now()
-        try:
+        self.tty = False
+        with contextlib.suppress(AttributeError, ValueError):
             self.tty = self.file.isatty()
-        except (AttributeError, ValueError):
-            self.tty = False
         self.interval = 0.1 if self.tty else 5.0
         self.blocks = " ▏▎▍▌▋▊▉█"
         try:
@@ -3324,20 +3234,15 @@ class _ProgressBar:
         line = self.format(self.n, self.total, now - self.start)
         if self.tty:  # pad, to cover a longer line drawn before
             line, self.width = "\r" + line.ljust(self.width) + end, max(self.width, len(line))
-        else:
-            line += "\n"
         with contextlib.suppress(OSError, ValueError):  # a broken stream must not break the work
-            self.file.write(line)
+            self.file.write(line if self.tty else line + "\n")
             self.file.flush()
 
     def format(self, n, total, elapsed):
         frac = n / total if total else 1.0
         width, levels = 10, len(self.blocks) - 1
         full, part = divmod(int(frac * width * levels), levels)
-        bar = self.blocks[-1] * full
-        if full < width:
-            bar += self.blocks[part]
-        bar = bar.ljust(width)
+        bar = (self.blocks[-1] * full + (self.blocks[part] if full < width else "")).ljust(width)
         if elapsed > 0 and n:
             rate = n / elapsed
             remaining = _clock((total - n) / rate)
@@ -3357,9 +3262,9 @@ def _clock(seconds):
 # Self-test: python -m mplite
 # ---------------------------------------------------------------------------------------------
 
-def _showcase_f(*args, **kwargs):
-    time.sleep(args[0])
-    return args[0] / kwargs["hello"]
+def _showcase_f(seconds, hello):
+    time.sleep(seconds)
+    return seconds / hello
 
 
 def _broken(*args, **kwargs):
@@ -3368,10 +3273,6 @@ def _broken(*args, **kwargs):
 
 def _adder(a, b):
     return a + b
-
-
-def _add_one_next(prev_task, result):
-    return Task(_adder, result, 1)
 
 
 def _self_test():
@@ -3391,10 +3292,9 @@ def _self_test():
         values = [r for r in results if not isinstance(r, str)]
         check("50 tasks with args and kwargs, results in order",
               len(results) == 50 and all(abs(v - 0.01) < 1e-9 for v in values), repr(results[:3]))
-        check("5 tasks dividing by zero return their tracebacks",
-              len(errors) == 5 and all(e.startswith("Traceback (most recent call last):")
-                                       and e.endswith("ZeroDivisionError: float division by zero") for e in errors),
-              repr(errors[:1]))
+        good = [e for e in errors if e.startswith("Traceback (most recent call last):")
+                and e.endswith("ZeroDivisionError: float division by zero")]
+        check("5 tasks dividing by zero return their tracebacks", len(good) == len(errors) == 5, repr(errors[:1]))
         results = tm.execute([Task(_broken, i) for i in range(3)], progress=False)
         check("the same pool takes more work; failing tasks don't crash it",
               all(r.splitlines()[-1] == "NotImplementedError: this task must fail!" for r in results), repr(results))
@@ -3407,7 +3307,7 @@ def _self_test():
                 tm.submit(Task(_adder, *sums))
                 sums = []
         check("incremental work with submit/take adds 1..10 to 55", sums == [55], repr(sums))
-        chain = TaskChain(Task(_adder, 20, 0), _add_one_next)
+        chain = TaskChain(Task(_adder, 20, 0), lambda prev_task, result: Task(_adder, result, 1))
         check("a task chain runs step after step", tm.execute([chain], progress=False) == [21])
     if all(checks):
         print(f"all {len(checks)} checks passed in {time.perf_counter() - start:.1f} s")

@@ -7558,3 +7558,775 @@ def test_win_ctrl_c_interrupts_start_waiting_for_a_worker_init_that_never_ends(p
         child.assert_group_gone()
     finally:
         child.cleanup()
+
+
+# =============================================================================================
+# Issue 15: scheduling that never leaves a worker idle while a task waits (item 3), the
+# papercuts (item 7), and thread safety of an engine that callers may run themselves (item 4).
+#
+# The scheduling cases have a known ideal makespan: their time is the sum of sleeps (wall time,
+# not CPU) laid out as well as 2 workers allow, plus a few milliseconds of tiny tasks. A wrong
+# schedule puts one sleep behind another on one worker: 1.5x or 2x the ideal, every run. Noise
+# (a shared, busy 2-core machine) only ever adds time, so each timing case may take one more
+# try on a fresh pool, and its limit is the issue's 1.25x the ideal plus SCHED_SLACK_S.
+# Where a promise can be shown by order instead of time (a short task done before a gated long
+# one), the test uses order, with gates that open by themselves later so a wrong engine fails
+# instead of hanging.
+# =============================================================================================
+
+from concurrent.futures import FIRST_COMPLETED
+
+SCHED_SLACK_S = 0.25  # on top of 1.25x the ideal: scheduling and the tiny tasks' own time
+
+
+def sched_limit(ideal):
+    """The most a case of this ideal makespan may take: 1.25x (issue 15) plus SCHED_SLACK_S.
+    For the cases here (ideal 1 s or 2 s) a wrong schedule takes 2.0 s or 3.0 s: past it."""
+    return 1.25 * ideal + SCHED_SLACK_S
+
+
+# ---------------------------------------------------------------------------------------------
+# Task functions (module level, picklable); next_task callables run in the parent
+# ---------------------------------------------------------------------------------------------
+
+def sched_identity(x):
+    return x
+
+
+def sched_touch(path):
+    open(path, "w").close()
+    return "touched"
+
+
+def sched_wait_for_file(path, limit):
+    """Wait up to `limit` seconds for `path` to exist; True if it did."""
+    deadline = time.monotonic() + limit
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return os.path.exists(path)
+
+
+def sched_nap(seconds, tag=None):
+    time.sleep(seconds)
+    return tag, os.getpid()
+
+
+def sched_nap_at(i, slow):
+    """A tiny task, except for the i in `slow`, which sleep 1 s."""
+    if i in slow:
+        time.sleep(1.0)
+    return i
+
+
+def sched_stamp(value):
+    """value, with where and when it was made: for the messages of order-based tests."""
+    return value, os.getpid(), time.monotonic()
+
+
+def sched_busy(seconds, value):
+    time.sleep(seconds)
+    return sched_stamp(value)
+
+
+def sched_gated_first(gate, value):  # two functions, so that each is never measured before use
+    wait_for_file(gate, None, 60)
+    return sched_stamp(value)
+
+
+def sched_gated_second(gate, value):
+    wait_for_file(gate, None, 60)
+    return sched_stamp(value)
+
+
+def sched_tag(tid, i):
+    return tid, i, os.getpid()
+
+
+SCHED_PARENT_MARK = None  # set by a test in the parent: forked workers see it, spawned ones don't
+
+
+def sched_worker_identity():
+    return SCHED_PARENT_MARK, os.getppid()
+
+
+def sched_init_unless(flag, message, delay=0.0):
+    """A worker_init that fails (after `delay` s) once `flag` exists: with a flag created after
+    start(), only replacement workers fail."""
+    time.sleep(delay)
+    if os.path.exists(flag):
+        raise ValueError(message)
+
+
+def sched_init_slow_if(flag, seconds):
+    """A worker_init that takes `seconds` once `flag` exists: replacement workers start slowly."""
+    if os.path.exists(flag):
+        time.sleep(seconds)
+
+
+def sched_then_wait_for_the_file(prev_task, result):  # next_task: the step that waits for `result`
+    return Task(sched_wait_for_file, result, 10.0)
+
+
+def sched_then_wait_for_the_tagged_file(prev_task, result):  # result: sched_nap's (path, pid)
+    return Task(sched_wait_for_file, result[0], 10.0)
+
+
+def sched_then_nap_1s(prev_task, result):  # next_task: a 1 s step of a function measured as tiny
+    return Task(sched_nap, 1.0, result)
+
+
+SCHED_NESTED = []  # the manager the next_task callables below call back into
+
+
+def sched_then_execute(prev_task, result):
+    return SCHED_NESTED[0].execute([Task(adder, result, 1)], progress=False)
+
+
+def sched_then_map(prev_task, result):
+    return SCHED_NESTED[0].map(double, [result])
+
+
+def sched_then_take(prev_task, result):
+    return SCHED_NESTED[0].take(timeout=None)
+
+
+def sched_then_submit(prev_task, result):
+    """next_task that queues more work without waiting for it: allowed, wherever it runs."""
+    SCHED_NESTED[0].submit(Task(adder, result, 100))
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+def sched_timed(fn):
+    start = time.monotonic()
+    value = fn()
+    return value, time.monotonic() - start
+
+
+def sched_ready_manager(method, tmp_path, **kwargs):
+    """A fresh, started TaskManager(2) whose both workers are up (a rendezvous, a function no
+    case measures), so a case's time is its own, not the workers' start."""
+    tm = TaskManager(2, context=method, **kwargs)
+    tm.start()
+    try:
+        assert len(worker_pids(tm, tmp_path, 2)) == 2
+    except BaseException:
+        tm.stop()
+        raise
+    return tm
+
+
+def sched_ready_executor(method, tmp_path):
+    ex = make_executor(2, method)
+    try:
+        assert len(executor_pids(ex, tmp_path, 2)) == 2
+    except BaseException:
+        ex.shutdown(wait=True, cancel_futures=True)
+        raise
+    return ex
+
+
+def sched_within(what, ideal, attempt, tries=2):
+    """Run attempt() -> {case: seconds} up to `tries` times (a fresh pool each); pass once every
+    case of one try is within sched_limit(ideal); else fail listing every time measured."""
+    limit = sched_limit(ideal)
+    seen = []
+    for _ in range(tries):
+        times = attempt()
+        seen.append(times)
+        if all(t <= limit for t in times.values()):
+            return times
+    pytest.fail("%s: ideal makespan %.1f s, limit %.2f s; measured %s"
+                % (what, ideal, limit, "; ".join(", ".join("%s %.2f s" % kv for kv in t.items()) for t in seen)))
+
+
+def sched_assert_callers_traceback(exc, caller, *needles):
+    """`exc`, raised in the frame `caller`, shows the caller's frames and the reason: every frame
+    of its traceback (and of any chained exception that has one) is `caller` or runs under it on
+    the caller's stack, none is the engine loop's, and the message names the reason."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    for needle in needles:
+        assert needle in str(exc), "the reason %r is not in the message:\n%s" % (needle, text)
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        todo += [e.__cause__, None if e.__suppress_context__ else e.__context__]
+        tb = e.__traceback__
+        if e is exc:
+            assert tb is not None and tb.tb_frame is caller, \
+                "the traceback does not start in the caller's frame:\n" + text
+        while tb is not None:
+            frame = tb.tb_frame
+            name = frame.f_code.co_name
+            assert name not in ("_run", "_turn", "_reap"), \
+                "the engine's frame %s is in the traceback:\n%s" % (name, text)
+            stack = frame
+            while stack is not None and stack is not caller:
+                stack = stack.f_back
+            assert stack is caller, ("frame %s (%s:%d) did not run on the caller's stack (another "
+                                     "thread's frame, raised again here):\n%s"
+                                     % (name, frame.f_code.co_filename, tb.tb_lineno, text))
+            tb = tb.tb_next
+
+
+class SchedCountdown:
+    """Opens `gate` once `n` threads have called done() (a thread blocked on the gate waits for
+    the others); a timer opens it anyway after `backstop` s, so nothing hangs."""
+
+    def __init__(self, n, gate, backstop=60):
+        self.n, self.gate, self.lock = n, str(gate), threading.Lock()
+        self.timer = open_gate_later(self.gate, backstop)
+
+    def done(self):
+        with self.lock:
+            self.n -= 1
+            if self.n == 0:
+                open(self.gate, "w").close()
+
+    def cancel(self):
+        self.timer.cancel()
+
+
+# ---------------------------------------------------------------------------------------------
+# Scheduling: each promise of issue 15, item 3, with a case of known ideal makespan
+# ---------------------------------------------------------------------------------------------
+
+def test_sched_chain_step_never_waits_behind_another_task(method, tmp_path):
+    # The issue's case: the chain's step waits (up to 10 s) for a file that the second task
+    # creates. Held behind the step on its worker (in its batch, or sent ahead to it while the
+    # other worker is still starting), the touch runs only after the step gave up: False.
+    # Ideal: the workers' start plus milliseconds. Every round must pass, each on a fresh pool.
+    # (2.2.0 fails it by chance, on a race of microseconds; the next test makes it certain.)
+    for round_ in range(5):
+        path = str(tmp_path / ("file-%d" % round_))
+        with TaskManager(2, context=method) as tm:
+            tasks = [TaskChain(Task(sched_identity, path), next_task=sched_then_wait_for_the_file),
+                     Task(sched_touch, path)]
+            results, seconds = sched_timed(lambda: bounded(lambda: tm.execute(tasks, progress=False), 60))
+        assert results == [True, "touched"], \
+            "round %d: the step waited behind the touch for %.2f s: %r" % (round_, seconds, results)
+
+
+def test_sched_chain_step_never_waits_behind_another_task_while_a_worker_starts(method, tmp_path):
+    # The case above, with the second worker certainly still starting: it was just replaced
+    # and its worker_init takes 3 s. The chain's first task takes 50 ms (a pool that sends work
+    # ahead to a worker that is "on time" sees a 50 ms task as on time). The touch must wait for
+    # the new worker (about 3 s), not go behind the step on the running one (10 s, then False).
+    flag, path = str(tmp_path / "flag"), str(tmp_path / "file")
+    with TaskManager(2, context=method, worker_init=Task(sched_init_slow_if, flag, 3.0)) as tm:
+        open(flag, "w").close()
+        [death] = bounded(lambda: tm.execute([Task(kill_self, str(tmp_path / "pid"))], progress=False), 60)
+        assert "ChildProcessError" in death, death
+        tasks = [TaskChain(Task(sched_nap, 0.05, path), next_task=sched_then_wait_for_the_tagged_file),
+                 Task(sched_touch, path)]
+        results, seconds = sched_timed(lambda: bounded(lambda: tm.execute(tasks, progress=False), 60))
+    assert results == [True, "touched"], \
+        "the step waited behind the touch for %.2f s: %r" % (seconds, results)
+
+
+def test_sched_tiny_calls_mixed_with_one_second_calls_in_both_orders(method, tmp_path):
+    # The issue's case: 2,000 tiny calls and 4 calls of 1 s on 2 workers, ideal 2.0 s (two 1 s
+    # calls per worker, the tiny ones in between). Then the reverse order on the same manager,
+    # the slow function now measured once. Batched with tiny ones, two 1 s calls can land on one
+    # worker behind a third: 3.0 s (2.2.0: in about half the tries, either order).
+    tiny = [Task(sched_identity, i) for i in range(2000)]
+    slow = [Task(time.sleep, 1.0)] * 4
+    expected = list(range(2000)) + [None] * 4
+
+    def attempt():
+        tm = sched_ready_manager(method, tmp_path)
+        try:
+            forward, t_forward = sched_timed(lambda: tm.execute(tiny + slow, progress=False))
+            backward, t_backward = sched_timed(lambda: tm.execute(slow + tiny, progress=False))
+        finally:
+            tm.stop()
+        assert forward == expected and backward == expected[2000:] + expected[:2000]
+        return {"tiny then slow": t_forward, "then slow then tiny": t_backward}
+
+    sched_within("execute(2000 tiny + 4 x 1 s) on 2 workers", 2.0, attempt)
+
+
+def test_sched_a_function_never_measured_travels_alone(method, tmp_path):
+    # Two 1 s calls of a function never measured, in the middle of 2,000 tiny calls of another:
+    # ideal 1.0 s (one on each worker). Batched like the tiny calls around them, both travel in
+    # one message and run one after the other on one worker: 2.0 s.
+    tasks = ([Task(sched_identity, i) for i in range(1000)] + [Task(sched_nap, 1.0, k) for k in range(2)]
+             + [Task(sched_identity, i) for i in range(1000)])
+
+    def attempt():
+        tm = sched_ready_manager(method, tmp_path)
+        try:
+            results, seconds = sched_timed(lambda: tm.execute(tasks, progress=False))
+        finally:
+            tm.stop()
+        assert results[:1000] == results[1002:] == list(range(1000))
+        return {"1 s calls on pids %s" % sorted(pid for _, pid in results[1000:1002]): seconds}
+
+    sched_within("two 1 s calls of a new function among 2000 tiny ones", 1.0, attempt)
+
+
+def test_sched_a_chain_step_is_never_batched(method, tmp_path):
+    # sched_nap is measured as tiny (2,000 calls of sched_nap(0)); two chains end with a 1 s
+    # step of it. The steps come up together, ahead of a long queue of tiny tasks: batched
+    # (with each other and tiny tasks), they run one after the other on one worker, 2.0 s; each
+    # alone, they run side by side: ideal 1.0 s.
+    tasks = ([Task(sched_nap, 0, i) for i in range(1000)]
+             + [TaskChain(Task(sched_nap, 0, "chain-%d" % k), sched_then_nap_1s) for k in range(2)]
+             + [Task(sched_nap, 0, i) for i in range(1000)])
+
+    def attempt():
+        tm = sched_ready_manager(method, tmp_path)
+        try:
+            results, seconds = sched_timed(lambda: tm.execute(tasks, progress=False))
+        finally:
+            tm.stop()
+        assert [tag for tag, _ in results[:1000] + results[1002:]] == list(range(1000)) * 2
+        assert [tag[0] for tag, _ in results[1000:1002]] == ["chain-0", "chain-1"]
+        return {"steps on pids %s" % sorted(pid for _, pid in results[1000:1002]): seconds}
+
+    sched_within("two 1 s chain steps of a function measured as tiny", 1.0, attempt)
+
+
+def sched_story(stamps, t0):
+    return ", ".join("%s on pid %d at %.2f s" % (v, pid, t - t0) for v, pid, t in stamps)
+
+
+def test_sched_no_task_waits_behind_a_busy_worker_while_another_is_free(method, tmp_path):
+    # Shown by order, not time: a task held behind a gated one comes back only after the gate,
+    # which opens by itself after 10 s if the test doesn't open it first. The gated functions
+    # are never measured when they run: a worker running one is not known to be "on time".
+    with TaskManager(2, context=method) as tm:
+        # 1. Fresh pool, workers still starting: the short task waits for the second worker, not
+        #    behind the gated one on the first.
+        gate = str(tmp_path / "gate-1")
+        timer = open_gate_later(gate, 10)
+        try:
+            t0 = time.monotonic()
+            tm.submit(Task(sched_gated_first, gate, "gated"))
+            tm.submit(Task(sched_stamp, "short"))
+            got = [bounded(lambda: tm.take(timeout=None), 60)]
+            open(gate, "w").close()
+            got.append(bounded(lambda: tm.take(timeout=None), 60))
+        finally:
+            timer.cancel()
+        assert [v for v, _, _ in got] == ["short", "gated"], "workers starting: " + sched_story(got, t0)
+        # 2. Warm pool, the tiny function measured: a 0.5 s task, a gated one, then a tiny one.
+        #    Both workers are busy; the first frees up in 0.5 s and takes the tiny task. Sent
+        #    ahead to the worker of the gated task, it would wait there while the other is free.
+        assert [v for v, _, _ in tm.map(sched_stamp, range(2000))] == list(range(2000))
+        gate = str(tmp_path / "gate-2")
+        timer = open_gate_later(gate, 10)
+        try:
+            t0 = time.monotonic()
+            tm.submit(Task(sched_busy, 0.5, "busy"))
+            tm.submit(Task(sched_gated_second, gate, "gated"))
+            tm.submit(Task(sched_stamp, "short"))
+            got = [bounded(lambda: tm.take(timeout=None), 60) for _ in range(2)]
+            open(gate, "w").close()
+            got.append(bounded(lambda: tm.take(timeout=None), 60))
+        finally:
+            timer.cancel()
+        assert got[2][0] == "gated", "warm pool: " + sched_story(got, t0)
+        assert tm.open_tasks == 0
+
+
+def test_sched_executor_no_future_waits_behind_a_busy_worker_while_another_is_free(method, tmp_path):
+    # As above, through mplite.ProcessPoolExecutor.submit: the short future is done while the
+    # gated one is not.
+    with make_executor(2, method) as ex:
+        gate = str(tmp_path / "gate-1")
+        timer = open_gate_later(gate, 10)
+        try:
+            t0 = time.monotonic()
+            gated = ex.submit(sched_gated_first, gate, "gated")
+            short = ex.submit(sched_stamp, "short")
+            done, _ = concurrent.futures.wait([gated, short], timeout=60, return_when=FIRST_COMPLETED)
+            short_first = short in done and gated not in done
+            open(gate, "w").close()
+            got = [f.result(timeout=60) for f in (gated, short)]
+        finally:
+            timer.cancel()
+        assert short_first, "workers starting: the short future waited behind the gated one: " + sched_story(got, t0)
+        assert [v for v, _, _ in ex.map(sched_stamp, range(2000))] == list(range(2000))
+        gate = str(tmp_path / "gate-2")
+        timer = open_gate_later(gate, 10)
+        try:
+            t0 = time.monotonic()
+            busy = ex.submit(sched_busy, 0.5, "busy")
+            gated = ex.submit(sched_gated_second, gate, "gated")
+            short = ex.submit(sched_stamp, "short")
+            done, _ = concurrent.futures.wait([gated, short], timeout=60, return_when=FIRST_COMPLETED)
+            short_first = short in done and gated not in done
+            open(gate, "w").close()
+            got = [f.result(timeout=60) for f in (busy, gated, short)]
+        finally:
+            timer.cancel()
+        assert short_first, "warm pool: the short future waited behind the gated one: " + sched_story(got, t0)
+
+
+def sched_submit_all(ex, calls):
+    """Submit fn(*args) for each (fn, *args) of calls; wait (bounded) for all; their results."""
+    fs = [ex.submit(fn, *args) for fn, *args in calls]
+    done, not_done = concurrent.futures.wait(fs, timeout=60)
+    assert not not_done
+    return [f.result() for f in fs]
+
+
+def test_sched_executor_tiny_futures_mixed_with_one_second_futures_in_both_orders(method, tmp_path):
+    # The issue's mix through mplite.ProcessPoolExecutor.submit, in both orders (ideal 2.0 s),
+    # then a map of four 1 s calls of a function never measured (ideal 2.0 s).
+    tiny = [(sched_identity, i) for i in range(2000)]
+    slow = [(time.sleep, 1.0)] * 4
+
+    def attempt():
+        ex = sched_ready_executor(method, tmp_path)
+        try:
+            _, t_forward = sched_timed(lambda: sched_submit_all(ex, tiny + slow))
+            _, t_backward = sched_timed(lambda: sched_submit_all(ex, slow + tiny))
+            _, t_map = sched_timed(lambda: list(ex.map(sched_nap, [1.0] * 4)))
+        finally:
+            ex.shutdown(wait=True)
+        return {"tiny then slow": t_forward, "then slow then tiny": t_backward, "then map of 4 x 1 s": t_map}
+
+    sched_within("2000 tiny + 4 x 1 s futures on 2 workers", 2.0, attempt)
+
+
+def test_sched_executor_a_function_never_measured_travels_alone(method, tmp_path):
+    # Two 1 s futures of a new function among 2,000 tiny ones: ideal 1.0 s.
+    calls = ([(sched_identity, i) for i in range(1000)] + [(sched_nap, 1.0, k) for k in range(2)]
+             + [(sched_identity, i) for i in range(1000)])
+
+    def attempt():
+        ex = sched_ready_executor(method, tmp_path)
+        try:
+            results, seconds = sched_timed(lambda: sched_submit_all(ex, calls))
+        finally:
+            ex.shutdown(wait=True)
+        return {"1 s calls on pids %s" % sorted(pid for _, pid in results[1000:1002]): seconds}
+
+    sched_within("two 1 s futures of a new function among 2000 tiny ones", 1.0, attempt)
+
+
+@pytest.mark.xfail(strict=False, reason="moonshot of issue 15: work stealing from a sent batch is not implemented")
+@pytest.mark.parametrize("front", ["execute", "executor.map"])
+def test_sched_moonshot_a_batch_holding_a_long_task_gives_up_the_rest(front, method, tmp_path):
+    # 4,000 calls of one function (measured tiny), two adjacent ones sleep 1 s: ideal 1.0 s,
+    # if the tasks behind the first long one in its batch go to the idle worker. 2.0 s today.
+    slow = frozenset((2000, 2001))
+
+    def attempt():
+        if front == "execute":
+            tm = sched_ready_manager(method, tmp_path)
+            try:
+                results, seconds = sched_timed(
+                    lambda: tm.execute([Task(sched_nap_at, i, slow) for i in range(4000)], progress=False))
+            finally:
+                tm.stop()
+        else:
+            ex = sched_ready_executor(method, tmp_path)
+            try:
+                results, seconds = sched_timed(lambda: list(ex.map(sched_nap_at, range(4000), [slow] * 4000)))
+            finally:
+                ex.shutdown(wait=True)
+        assert results == list(range(4000))
+        return {front: seconds}
+
+    sched_within("4000 calls, two adjacent ones of 1 s", 1.0, attempt)
+
+
+# ---------------------------------------------------------------------------------------------
+# Papercuts (issue 15, item 7)
+# ---------------------------------------------------------------------------------------------
+
+def test_sched_papercut_context_none_is_the_default_start_method():
+    # None means the default, spawn, as mp_context=None does for the executor: a spawned worker
+    # is this process's child (a forkserver's is not) and doesn't see the parent's globals (a
+    # forked one does).
+    global SCHED_PARENT_MARK
+    SCHED_PARENT_MARK = "set in the parent"
+    try:
+        with TaskManager(1, context=None) as tm:
+            [(mark, ppid)] = tm.execute([Task(sched_worker_identity)], progress=False)
+    finally:
+        SCHED_PARENT_MARK = None
+    assert (mark, ppid) == (None, os.getpid())
+
+
+def test_sched_papercut_progress_bar_last_line_is_written_once_in_a_log(spool, capsys):
+    # Not a terminal (capsys's stderr): the bar writes whole lines, at growing intervals. A
+    # call longer than the first interval ends with an update that draws the last line;
+    # closing the bar must not write that line again.
+    spool.execute([Task(sleep_return, 0.01, 0)], progress=False)
+    assert spool.execute([Task(sleep_return, 5.5, 1), Task(sleep_return, 0.1, 2)]) == [1, 2]
+    err = capsys.readouterr().err
+    lines = [line for line in re.split(r"[\r\n]+", err) if line.strip()]
+    final = [line for line in lines if re.search(r"100%\|[^|]*\| 2/2 ", line)]
+    assert len(final) == 1, "the last line was written %d times:\n%s" % (len(final), err)
+    assert lines[-1] == final[0], err
+
+
+def test_sched_papercut_broken_pool_traceback_shows_the_caller_start(method, tmp_path):
+    # start() with a worker_init that fails: the error is made where the engine reads the
+    # worker's answer; raised in start(), it shows start()'s caller, not the engine's loop.
+    caller = inspect.currentframe()
+    tm = TaskManager(2, context=method, worker_init=Task(sched_init_unless, str(tmp_path), "init-boom-8812"))
+    try:
+        with _fault_deadline(60, "start() with a failing worker_init"):
+            with pytest.raises(RuntimeError) as excinfo:
+                tm.start()
+        sched_assert_callers_traceback(excinfo.value, caller, "init-boom-8812", "ValueError")
+    finally:
+        tm.stop()
+        del caller
+
+
+def test_sched_papercut_broken_pool_traceback_shows_the_caller_execute(method, tmp_path):
+    # An execute waiting when a replacement worker's init fails, then an execute after.
+    caller = inspect.currentframe()
+    flag = str(tmp_path / "flag")
+    tm = TaskManager(2, context=method, worker_init=Task(sched_init_unless, flag, "init-boom-8813"))
+    try:
+        with _fault_deadline(60, "start()"):
+            tm.start()
+        open(flag, "w").close()
+        with _fault_deadline(60, "execute while the replacement worker's init fails"):
+            with pytest.raises(BrokenProcessPool) as excinfo:
+                tm.execute([Task(kill_self, str(tmp_path / "pid")), Task(wait_for_file, flag + "-never", 0, 30)],
+                           progress=False)
+        sched_assert_callers_traceback(excinfo.value, caller, "init-boom-8813")
+        with _fault_deadline(60, "execute on the broken pool"):
+            with pytest.raises(BrokenProcessPool) as excinfo:
+                tm.execute([Task(adder, 1, 2)], progress=False)
+        sched_assert_callers_traceback(excinfo.value, caller, "init-boom-8813")
+    finally:
+        tm.stop()
+        del caller
+
+
+def test_sched_papercut_broken_pool_traceback_shows_the_caller_future_result(method, tmp_path):
+    # The initializer fails 0.5 s in: the future is submitted before the pool breaks, and
+    # result() raises the BrokenProcessPool the engine set on it.
+    caller = inspect.currentframe()
+    ex = make_executor(2, method, initializer=sched_init_unless, initargs=(str(tmp_path), "init-boom-8814", 0.5))
+    try:
+        future = ex.submit(adder, 1, 2)
+        with _fault_deadline(60, "result() of a future of a broken executor"):
+            with pytest.raises(BrokenProcessPool) as excinfo:
+                future.result(timeout=50)
+        sched_assert_callers_traceback(excinfo.value, caller, "init-boom-8814")
+        wait_until(lambda: ex._broken, 30, "the executor is marked broken")
+        with pytest.raises(BrokenProcessPool) as excinfo:
+            ex.submit(adder, 1, 2)
+        sched_assert_callers_traceback(excinfo.value, caller, "init-boom-8814")
+    finally:
+        bounded(lambda: ex.shutdown(wait=True), 60)
+        del caller
+
+
+# ---------------------------------------------------------------------------------------------
+# Thread safety of the engine, whichever thread runs it (issue 15, item 4)
+# ---------------------------------------------------------------------------------------------
+
+def test_sched_threads_submit_take_round_trips_with_executes_and_a_blocked_caller(method, tmp_path):
+    # 8 threads of sequential submit + take round trips, 2 threads of execute/map, and one
+    # thread blocked for the whole time in an execute waiting on a gate (the others' results
+    # must move while it waits). take() serves any submitted result: every one must come out
+    # exactly once, across all the threads.
+    n_threads, n_trips = 8, 150
+    taken, lock = [], threading.Lock()
+    gate = tmp_path / "gate"
+    countdown = SchedCountdown(n_threads + 2, gate)
+
+    with TaskManager(2, context=method) as tm:
+        def round_trips(tid):
+            try:
+                for i in range(n_trips):
+                    tm.submit(Task(sched_tag, tid, i))
+                    got = tm.take(timeout=None)
+                    assert got is not None, "take(timeout=None) returned None with tasks open"
+                    with lock:
+                        taken.append(got[:2])
+            finally:
+                countdown.done()
+
+        def executes(tid):
+            try:
+                for i in range(15):
+                    js = range(i * 10, i * 10 + 10)
+                    results = tm.execute([Task(sched_tag, tid, j) for j in js], progress=False)
+                    assert [r[:2] for r in results] == [(tid, j) for j in js]
+                    assert tm.map(double, range(i, i + 20)) == [2 * x for x in range(i, i + 20)]
+            finally:
+                countdown.done()
+
+        def blocked():
+            assert tm.execute([Task(wait_for_file, str(gate), "opened", 80)], progress=False) == ["opened"]
+            assert gate.exists()
+
+        targets = ([functools.partial(round_trips, t) for t in range(n_threads)]
+                   + [functools.partial(executes, "x%d" % t) for t in range(2)] + [blocked])
+        try:
+            run_threads(targets, limit=90)
+        finally:
+            countdown.cancel()
+        assert sorted(taken) == sorted((t, i) for t in range(n_threads) for i in range(n_trips))
+        assert tm.open_tasks == 0 and tm.take() is None
+
+
+def test_sched_threads_executor_submit_result_and_map_with_a_blocked_caller(method, tmp_path):
+    n_threads, n_trips = 8, 150
+    gate = tmp_path / "gate"
+    countdown = SchedCountdown(n_threads + 2, gate)
+
+    with make_executor(2, method) as ex:
+        def round_trips(tid):
+            try:
+                for i in range(n_trips):
+                    assert ex.submit(sched_tag, tid, i).result(timeout=60)[:2] == (tid, i)
+            finally:
+                countdown.done()
+
+        def maps(tid):
+            try:
+                for i in range(15):
+                    assert list(ex.map(adder, range(i, i + 30), [tid] * 30, timeout=60)) == \
+                        [x + tid for x in range(i, i + 30)]
+            finally:
+                countdown.done()
+
+        def blocked():
+            assert ex.submit(wait_for_file, str(gate), "opened", 80).result(timeout=85) == "opened"
+            assert gate.exists()
+
+        targets = ([functools.partial(round_trips, t) for t in range(n_threads)]
+                   + [functools.partial(maps, 1000 * t) for t in range(1, 3)] + [blocked])
+        try:
+            run_threads(targets, limit=90)
+        finally:
+            countdown.cancel()
+
+
+def test_sched_threads_a_timed_out_wait_returns_promptly_while_another_thread_waits(method, tmp_path):
+    # A caller whose wait times out must return at once even while it is the one moving the
+    # engine, and the thread waiting next to it must still get its results. Bound: 2 s for a
+    # 0.1 s timeout (a doubling would be 0.2 s: this bound only catches a wait that hangs on to
+    # the engine until other work is done).
+    gate = str(tmp_path / "gate")
+    timer = open_gate_later(gate, 60)
+    stop = threading.Event()
+    other_done = []
+
+    def other_waiter(call):
+        i = 0
+        try:
+            while not stop.is_set():
+                assert call(i) == i
+                i += 1
+            other_done.append(i)
+        except BaseException as exc:  # shown by the test's thread
+            other_done.append(exc)
+
+    try:
+        with make_executor(2, method) as ex:
+            long = ex.submit(wait_for_file, gate, "long", 60)
+            thread = threading.Thread(target=other_waiter, daemon=True,
+                                      args=(lambda i: ex.submit(sched_identity, i).result(timeout=30),))
+            thread.start()
+            try:
+                for _ in range(5):
+                    start = time.monotonic()
+                    with pytest.raises(concurrent.futures.TimeoutError):
+                        long.result(timeout=0.1)
+                    seconds = time.monotonic() - start
+                    assert seconds < 2.0, "result(timeout=0.1) took %.2f s" % seconds
+            finally:
+                stop.set()
+                thread.join(60)
+            assert not thread.is_alive() and other_done and not isinstance(other_done[0], BaseException) \
+                and other_done[0] > 0, other_done
+            open(gate, "w").close()
+            assert long.result(timeout=60) == "long"
+        stop.clear()
+        other_done.clear()
+        with TaskManager(2, context=method) as tm:
+            tm.submit(Task(wait_for_file, gate + "-tm", "long", 60))
+            thread = threading.Thread(target=other_waiter, daemon=True,
+                                      args=(lambda i: tm.execute([Task(sched_identity, i)], progress=False)[0],))
+            thread.start()
+            try:
+                for _ in range(5):
+                    start = time.monotonic()
+                    assert tm.take(timeout=0.1) is None
+                    seconds = time.monotonic() - start
+                    assert seconds < 2.0, "take(timeout=0.1) took %.2f s" % seconds
+            finally:
+                stop.set()
+                thread.join(60)
+            assert not thread.is_alive() and other_done and not isinstance(other_done[0], BaseException) \
+                and other_done[0] > 0, other_done
+            open(gate + "-tm", "w").close()
+            assert bounded(lambda: tm.take(timeout=None), 60) == "long"
+    finally:
+        timer.cancel()
+
+
+@pytest.mark.parametrize("step", [sched_then_execute, sched_then_map, sched_then_take])
+def test_sched_threads_next_task_that_waits_on_its_manager_raises_not_hangs(step, method):
+    # next_task runs wherever the engine runs (its thread, or a caller's): it can't wait for
+    # results there. Documented: RuntimeError, that task's error; the rest of the call goes on.
+    # execute and map always wait (for their own new task): called from 3 threads at once, so
+    # that the step may run on another caller's thread. take(timeout=None) waits only while a
+    # submitted task is open and none is ready: the chain's own submission, still running.
+    with TaskManager(2, context=method) as tm:
+        SCHED_NESTED.append(tm)
+        try:
+            def call(k):
+                results = tm.execute([TaskChain(Task(adder, k, 2), step), Task(adder, k, 3)], progress=False)
+                last = results[0].splitlines()[-1] if isinstance(results[0], str) else repr(results[0])
+                assert re.search(r"RuntimeError: .*(can't|cannot|can not) wait", last), results[0]
+                assert results[1] == k + 3
+
+            if step is not sched_then_take:
+                run_threads([functools.partial(call, k) for k in range(3)], limit=60)
+            tm.submit(TaskChain(Task(adder, 1, 2), step))
+            text = bounded(lambda: tm.take(timeout=None), 60)
+            assert isinstance(text, str), text
+            assert re.search(r"RuntimeError: .*(can't|cannot|can not) wait", text.splitlines()[-1]), text
+            assert tm.open_tasks == 0
+            assert tm.execute([Task(adder, 1, 1)], progress=False) == [2]  # the engine went on
+        finally:
+            SCHED_NESTED.clear()
+
+
+def test_sched_threads_next_task_and_done_callbacks_may_submit_more_work(method):
+    # What runs where the engine runs may hand it more work without waiting: no deadlock on the
+    # engine's own lock, wherever that is.
+    with TaskManager(2, context=method) as tm:
+        SCHED_NESTED.append(tm)
+        try:
+            results = bounded(lambda: tm.execute([TaskChain(Task(adder, 1, 2), sched_then_submit)]
+                                                 + [Task(adder, k, 0) for k in range(50)], progress=False), 60)
+            assert results == [3] + list(range(50))
+            assert bounded(lambda: tm.take(timeout=None), 60) == 103
+            assert tm.open_tasks == 0
+        finally:
+            SCHED_NESTED.clear()
+    with make_executor(2, method) as ex:
+        more = []
+        first = ex.submit(adder, 1, 2)
+        first.add_done_callback(lambda f: more.append(ex.submit(adder, f.result(), 10)))
+        assert first.result(timeout=60) == 3
+        wait_until(lambda: more, 30, "the done-callback ran")
+        assert more[0].result(timeout=60) == 13
+        futures_ = [ex.submit(adder, k, 0) for k in range(20)]
+        for k, f in enumerate(futures_):
+            f.add_done_callback(lambda f, k=k: more.append(ex.submit(adder, k, 1000)))
+        assert [f.result(timeout=60) for f in futures_] == list(range(20))
+        wait_until(lambda: len(more) == 21, 30, "every done-callback ran")
+        assert sorted(f.result(timeout=60) for f in more[1:]) == [k + 1000 for k in range(20)]
