@@ -12,14 +12,11 @@
             tm.submit(Task(add, 40, 2))
             print(tm.take(timeout=None))                                # 42
 
-``execute`` returns results in input order and shows a progress bar on stderr; ``map`` and ``imap`` do the
-same for one function over an iterable, ``imap`` lazily. A task that raises, kills its worker or runs past its
-``timeout`` gets an error as its result (its traceback text, or with ``error_mode="exception"`` the exception
-raised in the caller); every other task still runs, and a dead worker is replaced. Task functions may be
-lambdas, closures, or typed into a notebook: what the workers can't import by name travels by value.
-
-The pool works in the background, and every method may be called from any number of threads at once. Code
-written for ``concurrent.futures`` or asyncio can use the same engine through ``ProcessPoolExecutor``:
+``execute`` returns results in input order; ``map`` and ``imap`` do the same for one function, ``imap`` lazily.
+A task that raises, kills its worker or runs past its ``timeout`` gets the error as its result; the others run
+on, and a dead worker is replaced. Task functions may be lambdas, closures, or typed into a notebook: what the
+workers can't import travels by value. The pool works in the background, for any number of threads at once;
+code written for ``concurrent.futures`` or asyncio gets the same engine through ``ProcessPoolExecutor``:
 
     from mplite import ProcessPoolExecutor
 
@@ -177,10 +174,9 @@ class TaskManager:
     timeout: seconds a task may run, counted from its start in a worker; the worker of a task
         over its limit is stopped and replaced, and the task's result is a TimeoutError.
     max_tasks_per_child: replace each worker after this many tasks (for leaky code).
-    executor: a concurrent.futures.Executor to run the tasks on instead of worker processes of
-        mplite's own: dask's client.get_executor(), say (see the README, "Past one machine").
-        cpu_count is then how many batches of tasks run at once (default: the executor's
-        max_workers, or a dask cluster's threads). The executor is yours: stop() leaves it running.
+    executor: a concurrent.futures.Executor to run the tasks on instead of mplite's own worker processes, dask's
+        client.get_executor() say (README: "Past one machine"). cpu_count is then how many batches run at once
+        (default: its max_workers, or a dask cluster's threads). The executor is yours: stop() leaves it running.
 
     Use it as a context manager, or call start() and stop(). Once started, the pool works in
     the background, and every method may be called from any number of threads at once.
@@ -213,9 +209,7 @@ class TaskManager:
         where = self._ctx.get_start_method() if self._executor is None else f"on {type(self._executor).__name__}"
         return f"<TaskManager cpu_count={self._cpu_count} {where} {state}>"
 
-    @property
-    def cpu_count(self):
-        return self._cpu_count
+    cpu_count = property(attrgetter("_cpu_count"))
 
     def __enter__(self):
         self.start()
@@ -2553,9 +2547,9 @@ _GLOBAL_OPS = frozenset({"LOAD_GLOBAL", "STORE_GLOBAL", "DELETE_GLOBAL", "LOAD_N
 _WRITE_OPS = frozenset({"STORE_GLOBAL", "DELETE_GLOBAL"})
 _MISSING = object()
 _is_file = functools.lru_cache(maxsize=8)(os.path.isfile)  # a stat per script, not per batch
-_main_script = {}  # these three: see _main_file, _code_info, _namespace_number
-_code_info_cache = {}
-_numbered = {}
+_main_script = {}  # see _main_file
+_code_info_cache = {}  # see _code_info
+_kept_globals = {}  # id -> globals dict, kept so that no other dict takes its id
 
 
 def _pickle(obj, forked_main=None, sent=None):
@@ -2741,7 +2735,8 @@ class _ByValuePickler(ForkingPickler):
         g = f.__globals__
         module = sys.modules.get(f.__module__)
         shared = module is not None and module.__dict__ is g and _importable(f.__module__, module)
-        namespace = (f.__module__, os.getpid(), _namespace_number(g), shared)  # see _namespace
+        _kept_globals[id(g)] = g
+        namespace = (f.__module__, os.getpid(), id(g), shared)  # see _namespace
         # A name not in g: a builtin, or not defined yet.
         values = {n: g[n] for n in names if n in g and n != "__builtins__"}
         modules = [sub for v in values.values() if isinstance(v, types.ModuleType)
@@ -2784,17 +2779,10 @@ def _culprit(functions, forked_main):
                         f"by value: its {what}, a {type(value).__qualname__}, can't be pickled: {exc}{cure}")
 
 
-def _namespace_number(g):
-    """A number for a globals dict of the parent; _numbered keeps the dict, so no other takes its id."""
-    if id(g) not in _numbered:
-        _numbered[id(g)] = (g, next(_ids))
-    return _numbered[id(g)][1]
-
-
 # The worker's side: pickle.loads finds _function_skeleton and _function_setstate by name.
 
-_namespaces = {}  # (module, parent pid, namespace number, shared) -> globals dict
-_assigned = {}    # id of a globals dict here -> the names its functions assign
+_namespaces = {}  # (module, parent pid, id of its globals there, shared) -> globals dict
+_assigned = {}  # id of a globals dict here -> the names its functions assign
 
 
 def _namespace(key):
@@ -2888,7 +2876,7 @@ class _ConnLink:
 
     def __init__(self, conn):
         self.conn = self.waitable = conn
-        self.rest = memoryview(b"")  # what a read has taken from the pipe and not handed on yet
+        self.rest = memoryview(b"")  # read from the pipe, not handed on yet
 
     @property
     def buffered(self):
@@ -2998,8 +2986,8 @@ class _Failure:
                 exc = RuntimeError(f"{last} (the task's exception could not be sent back as it is)")
         if self.frames:
             exc = exc.with_traceback(_rebuild_traceback(self.frames))
-            if remote and exc.__cause__ is None:
-                exc.__cause__ = _RemoteTraceback(f'\n"""\n{self.text}\n"""')
+        if remote and self.exc is None and exc.__cause__ is None:  # raised in a worker
+            exc.__cause__ = _RemoteTraceback(f'\n"""\n{self.text}\n"""')
         return exc
 
 
@@ -3125,7 +3113,7 @@ def _exit_reason(code):
     if code >= 0:
         return f"exited with code {code}"
     name = f"signal {-code}"
-    with contextlib.suppress(ValueError):  # no such signal here
+    with contextlib.suppress(ValueError):
         name = signal.Signals(-code).name
     oom = " (possibly out of memory)" if -code == getattr(signal, "SIGKILL", None) else ""
     return f"was killed by {name}{oom}"
