@@ -209,7 +209,7 @@ class TaskManager:
         where = self._ctx.get_start_method() if self._executor is None else f"on {type(self._executor).__name__}"
         return f"<TaskManager cpu_count={self._cpu_count} {where} {state}>"
 
-    cpu_count = property(attrgetter("_cpu_count"))
+    cpu_count = property(attrgetter("_cpu_count"), doc="How many workers (on an executor: batches at once).")
 
     def __enter__(self):
         self.start()
@@ -337,11 +337,8 @@ class TaskManager:
         return task.id
 
     def take(self, timeout=0):
-        """One finished result of a submitted task, or None if none is ready.
-
-        timeout=0 returns at once; a number waits up to that many seconds; None waits until a
-        result is ready (or returns None at once when no task is open).
-        """
+        """One finished result of a submitted task, or None if none is ready. timeout=0 returns at once; a number
+        waits up to that many seconds; None waits until a result is ready (None at once if no task is open)."""
         timeout = _seconds(timeout, "timeout", zero_ok=True)
         engine = self._running()
         finished = self._wait(engine, None, timeout)
@@ -350,9 +347,7 @@ class TaskManager:
 
     def as_completed(self, timeout=None):
         """Yield (task, result) for each submitted task as it finishes, until none is open.
-
-        timeout: seconds for the whole iteration; past it, TimeoutError is raised.
-        """
+        timeout: seconds for the whole iteration; past it, TimeoutError is raised."""
         timeout = _seconds(timeout, "timeout")
         return self._completed(self._running(), timeout)
 
@@ -732,13 +727,18 @@ class _Stream:
 
 class _Submitted(_Owner):
     """One submit()ted task: its result goes to the pool's inbox, for take()."""
-    __slots__ = ("item", "items", "timeout", "inbox")
+    __slots__ = ("item", "items", "timeout", "inbox", "plain", "key")
 
     def __init__(self, item, timeout, inbox):
         self.item = item
         self.items = [item]
         self.timeout = timeout
         self.inbox = inbox
+        self.plain = item.__class__ is Task  # no chain to go on with
+        self.key = _timing_key(item.func) if self.plain else None
+
+    def deliver_results(self, start, values):
+        self.inbox.put((self.item, True, values[0]))
 
     def deliver(self, slot, ok, value):
         self.inbox.put((self.item, ok, value))
@@ -1257,7 +1257,8 @@ class _Engine:
         atexit.unregister(self._at_exit)
         if error is None:
             error = RuntimeError("the pool was stopped before this work was done")
-        jobs = [r for r in requests if r.__class__ is _Job] + list(self.pending_work_items) + self.backend.held_jobs()
+        jobs = [r for r in requests if r.__class__ is _Job] + list(self.pending_work_items)
+        jobs += self.backend.held_jobs()
         for owner in {id(j.owner): j.owner for j in jobs}.values():
             owner.stopped(error)
         self.inbox.close(error)
@@ -1494,24 +1495,20 @@ class _PipeWakeUp:
 # ---------------------------------------------------------------------------------------------
 # mplite's own workers: the backend and the worker's loop
 #
-# Every worker has its own Pipe and a journal in shared memory. The turn sends it messages,
-# each a pickled list of tasks; the worker runs them and writes each answer to its journal as
-# the task ends. A system call costs microseconds, more than a tiny task, so the worker sends
-# the journal down the pipe in one write when the message is done (or every few
-# milliseconds). If the worker dies before that, the turn reads the answers it missed from
-# the journal: a worker that dies costs only the task it was running, finished tasks keep
-# their results, and no task runs twice. Answers are numbered in the order the worker wrote
-# them, which is how the turn knows which of them it has already.
-#
-# A worker's deque of _Messages is the one record of what it holds: the first is running.
+# Every worker has a Pipe and a journal in shared memory. The turn sends it messages of
+# tasks; the worker writes each answer to its journal as the task ends, and sends the journal
+# down the pipe in one write when the message is done (or every few milliseconds): a system
+# call costs more than a tiny task. If the worker dies, the turn reads the answers it missed
+# from the journal (they are numbered): a dead worker costs only the task it was running,
+# finished tasks keep their results, and no task runs twice. A worker's deque of _Messages is
+# the one record of what it holds: the first is running.
 # ---------------------------------------------------------------------------------------------
 
 _READ_SIZE = 1 << 18
 _BIG_FRAME = 1 << 20  # a frame larger than this is read straight into its own buffer
-# A worker is sent a message ahead, while busy, only if it is small: half the socket's buffer
-# at most, so the buffer takes it without blocking. A large message waits for an idle worker,
-# which is reading, never writing: so the turn never blocks sending to a worker that is itself
-# blocked sending a large result.
+# A message sent ahead to a busy worker is small enough for the socket's buffer: a large one
+# waits for an idle worker, which is reading, so the turn never blocks on a worker that is
+# itself blocked sending a large result.
 _AHEAD_BYTES = 1 << 16
 _BOOT_DEATHS = 50  # workers killed before they were ready, in a row, before we give up
 _GUARD_CURE = (" If the script starts the pool at its top level, start it under `if __name__ == "
@@ -1560,7 +1557,6 @@ class _Worker:
     def receive(self):
         return self.reader.read(self.link)
 
-
 class _Processes:
     """The backend of mplite's own worker processes (see above). Turn only, but start()."""
     timeout_note = "its worker process was stopped"
@@ -1582,9 +1578,8 @@ class _Processes:
         return _pickle_task(task, self.forked_main)
 
     def start(self, size):
-        """Start the workers, here in the caller's thread, not in the turn: a spawned worker
-        learns the main script's path from __main__.__file__, which Python deletes once the
-        script is done, so workers started later (say, at exit) could not import it."""
+        """Start the workers in the caller's thread: spawned workers import the main script from
+        __main__.__file__, which Python deletes once the script is done."""
         if _MAX_WORKERS is not None and size > _MAX_WORKERS:
             raise ValueError(f"at most {_MAX_WORKERS} workers on this system, not {size}")
         _main_file()  # remember it while the script runs
@@ -1613,15 +1608,12 @@ class _Processes:
 
     def _spawn(self):
         conn, child_conn = self.ctx.Pipe()
-        # Shared memory that the worker inherits, or gets as a file descriptor where it's spawned.
-        # (What RawArray is made of, without the ctypes import that costs a cold start 10 ms.)
-        journal = Arena(_JOURNAL_SIZE)
+        journal = Arena(_JOURNAL_SIZE)  # RawArray's shared memory, without its 10 ms ctypes import
         process = self.ctx.Process(target=_worker_main, name="mplite-worker", args=(
             child_conn, journal, self.lifeline, self.lifeline_end, self.init_blob))
         if not self.fork and os.name == "posix":
-            # Started by the first spawn, multiprocessing's resource tracker unblocks SIGINT
-            # when it is done, and a forkserver would keep it blocked for all its children:
-            # let them start now, outside the window below.
+            # They unblock SIGINT when started (the tracker), or keep it blocked for all their
+            # children (the forkserver): start them outside the window below.
             resource_tracker.ensure_running()
             if self.ctx.get_start_method() == "forkserver":
                 forkserver.ensure_running()
@@ -1664,9 +1656,8 @@ class _Processes:
                 self._send(w, True)
 
     def _ends_soon(self, msg, now):
-        """Will msg be done within _AHEAD_SECONDS, by its function's measured duration, and
-        is it on time? A task sent ahead can't be taken back if another worker falls idle
-        first, so nothing goes behind a long task, or a stuck one."""
+        """Will msg be done within _AHEAD_SECONDS, as measured, and is it on time? A task sent
+        ahead can't be taken back: nothing goes behind a long task, or a stuck one."""
         per = self.engine.durations.get(msg.key)
         if per is None or msg.began is None:
             return False
@@ -1677,9 +1668,7 @@ class _Processes:
         engine = self.engine
         if w.globals_since != engine.arrivals:  # new work came: send globals afresh (see _pickle)
             w.globals_sent, w.globals_since = {}, engine.arrivals
-        # A message sent ahead may turn out too large to go: it can't count on, nor add to,
-        # the record of what this worker holds until it is sent.
-        sent = w.globals_sent.copy() if ahead else w.globals_sent
+        sent = w.globals_sent.copy() if ahead else w.globals_sent  # it may turn out too large to go
         most = _MAX_BATCH if w.left is None else min(_MAX_BATCH, w.left)
         body = None
         while body is None:  # None: none of those could be pickled; try the next ones
@@ -1713,7 +1702,6 @@ class _Processes:
 
     def _pickle_message(self, msg, sent):
         """The message's body, or None if none of its tasks can be pickled (they have failed).
-
         sent: what the worker holds of the globals of functions sent by value (see _pickle)."""
         if all(j.payload is not None for j in msg.jobs):  # pickled already (submitted tasks)
             return pickle.dumps((msg.timed, [(None, False, [j.payload for j in msg.jobs])]), -1)
@@ -1792,8 +1780,8 @@ class _Processes:
             try:
                 value = marshal.loads(blob) if kind == _SCALAR else pickle.loads(blob)
             except _TASK_ERRORS as exc:  # a result the parent can't unpickle: an error of that task
-                value = _describe(TypeError(f"the result of {_short(msg.head_task())} can't be unpickled here: {exc}"))
-                kind = _FAILED
+                error = TypeError(f"the result of {_short(msg.head_task())} can't be unpickled here: {exc}")
+                value, kind = _describe(error), _FAILED
             if kind == _FAILED:
                 self.engine.fail_head(msg, _Failure(*value))
             else:
@@ -1820,8 +1808,7 @@ class _Processes:
         return False
 
     def _progress(self, w, spent, now):
-        """After answers: the running message's function is measured once it is done, and
-        the next task began now."""
+        """After answers: measure the message's function once it is done; the next task began now."""
         messages = w.messages
         if not messages:
             return
@@ -1868,8 +1855,8 @@ class _Processes:
         self.missing += 1
         code = w.process.exitcode
         if not w.ready:
-            # It died while starting. Killed from outside: start another, within reason.
-            # Exited by itself: it will again (say, the main module fails to import).
+            # Killed from outside: start another, within reason. Exited by itself: it will
+            # again (the main module fails to import, say).
             for msg in w.messages:
                 engine.requeue(msg.jobs)
             w.messages.clear()  # a message refers to its worker: let both go now
@@ -1894,7 +1881,7 @@ class _Processes:
         w.messages.clear()
 
     def running(self):
-        """The messages whose first owed task is running: for timeouts."""
+        """The messages whose first owed task is running (for timeouts)."""
         return [w.messages[0] for w in self.workers if w.messages and w.messages[0].owed and not w.killed]
 
     def abandon(self, msg):
@@ -1938,9 +1925,8 @@ class _Processes:
 
 
 def _exit_fd(process):
-    """What becomes readable when the process ends. A pidfd where the system has them: the
-    process's sentinel pipe stays open in any child a task forks, and would hide the worker's
-    death until that child ends."""
+    """What becomes readable when the process ends: a pidfd where there are; the sentinel pipe
+    stays open in any child a task forks, and would hide the worker's death until it ends."""
     if not _PORTABLE:
         with contextlib.suppress(AttributeError, OSError):
             return os.pidfd_open(process.pid)
@@ -1949,11 +1935,10 @@ def _exit_fd(process):
 
 @contextlib.contextmanager
 def _main_path_for_workers(fork):
-    """Start a worker that runs the main script again only if there is one. spawn (and a
-    forkserver, which starts inside the first Process.start()) run it in the worker from
-    __main__.__file__: `python -` sets that to '<stdin>', and the worker would fail to start
-    (functions from such a __main__ travel by value anyway); and once the script is done,
-    Python deletes it, while an executor may still start workers to finish its work."""
+    """Start a worker that runs the main script again (spawn, forkserver) only if there is one:
+    `python -` sets __main__.__file__ to '<stdin>', which a worker can't run (its functions
+    travel by value anyway); and Python deletes it once the script is done, while an executor
+    may still start workers to finish its work."""
     main = vars(sys.modules["__main__"])
     had, want = main.get("__file__", _MISSING), _main_file()
     if fork or had == want or (had is _MISSING and want is None):

@@ -6056,8 +6056,7 @@ def cf_failing_task(n):
 
 
 def cf_worker_cmdline():
-    with open("/proc/self/cmdline", "rb") as fh:
-        return fh.read().replace(b"\0", b" ").decode(errors="replace")
+    return _cmdline(os.getpid())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -6342,7 +6341,7 @@ def test_cf_broken_process_pool_traceback(method, tmp_path):
             running = [i for i in range(3) if os.path.exists(markers[i])]
             pids = [int(open(markers[i]).read()) for i in running]
             for pid in pids:
-                os.kill(pid, signal.SIGKILL)
+                kill_hard(pid)
         finally:
             open(gate, "w").close()
         errors = {}
@@ -6422,6 +6421,7 @@ def test_cf_max_tasks_per_child(method):
     assert wait_gone(set(pids)) == []
 
 
+@posix_only("a worker's command line (Windows gives its program's name only)")
 def test_cf_max_tasks_per_child_defaults_to_spawn_context():
     # adapted: CPython reads executor._mp_context; here the worker's command line shows spawn
     ex = mplite.ProcessPoolExecutor(1, max_tasks_per_child=3)
