@@ -330,10 +330,11 @@ class TaskManager:
         inbox = engine.inbox
         inbox.opened(1)
         try:
-            engine.put(_Job(_Submitted(task, timeout, inbox), 0, 1, payload), send_now=True)
+            engine.put(_Job(_Submitted(task, timeout, inbox), 0, 1, payload))
         except BaseException:
             inbox.opened(-1)
             raise
+        engine.send_now()
         return task.id
 
     def take(self, timeout=0):
@@ -432,9 +433,9 @@ class ProcessPoolExecutor(futures.Executor):
             if self._engine.closed and self._engine.failure is None:  # stopped at the interpreter's exit
                 raise RuntimeError("cannot schedule new futures after interpreter shutdown")
             future = _Future(self._engine)
-            self._engine.put(_Job(_FutureTask(future, Task._of(fn, args, kwargs), self._timeout), 0, 1),
-                             send_now=True)
-            return future
+            self._engine.put(_Job(_FutureTask(future, Task._of(fn, args, kwargs), self._timeout), 0, 1))
+        self._engine.send_now()  # not under the lock: callbacks that submit again may run here
+        return future
 
     submit.__doc__ = futures.Executor.submit.__doc__
 
@@ -886,9 +887,10 @@ class _FutureTask(_Owner):
 # The engine core (_Engine) owns the requests, the queue, the owners, the loop, timeouts,
 # delivery and shutdown. A backend owns where tasks run: _Processes (mplite's own workers) or
 # _ExecutorBackend (any concurrent.futures executor). The engine drives it through start(),
-# dispatch() (send queued work to free workers), running() and abandon() (for timeouts),
-# busy(), held_jobs() and stop(); the backend answers through deliver(), fail_head(),
-# measured() and requeue(), and registers what it waits on with the engine's selector.
+# payload() (a submitted task, checked), dispatch() (send queued work to free workers),
+# running() and abandon() (for timeouts), busy(), held_jobs(), forget() (an owner that wants
+# no more) and stop(); the backend answers through deliver(), fail_head(), measured(),
+# requeue() and refuse(), and registers what it waits on with the engine's selector.
 #
 # One owner of the engine state at any moment: whoever holds _turn_lock. The engine thread
 # holds it except while it sleeps; a caller about to wait for results takes it when it is free
@@ -944,7 +946,7 @@ class _Message:
         self.owed = owed
         self.key = key        # the function all its tasks call, as _timing_key gives it
         self.timed = timed    # a task of it has a timeout
-        self.alone = alone    # a suspect, on an executor: its failure is its own
+        self.alone = alone    # travels alone: a chain's next step; on an executor, a suspect
         self.began = None     # when its first owed task began, as seen here; None: not known yet
         self.sent_at = None
         self.skip = 0         # answers still to come for tasks that failed at their deadline
@@ -1026,22 +1028,34 @@ class _Engine:
         with _sigint_blocked():
             self.thread.start()
 
-    def put(self, request, send_now=False):
-        """Hand the turn a _Job to run, or a command (a callable) to run there. send_now: if
-        nobody holds the turn, take it and send the job from this thread (no hand-off)."""
+    def put(self, request):
+        """Hand the turn a _Job to run, or a command (a callable) to run there."""
         with self._lock:
             if self.closed:
                 raise self.refusal()
             self._requests.append(request)
-        if not (send_now and self._hold_turn()):
-            if self.thread_asleep or self.caller_asleep:
-                self.wake_up.ring()
-            return
+        if self.thread_asleep or self.caller_asleep:
+            self.wake_up.ring()
+
+    def send_now(self):
+        """If nobody holds the turn, take it for a moment and send what was put (submit(): no
+        hand-off). Call it holding no lock of your own: done-callbacks may run here."""
+        if self._hold_turn():
+            self._in_turn(self._prepare)
+
+    def _in_turn(self, work):
+        """work() in a turn this caller holds, then let go. An error fails the pool; a Ctrl-C
+        does too unless it came while asleep (work() says so), and reaches the caller."""
         try:
-            self._prepare()
+            work()
+        except KeyboardInterrupt:
+            if not self.caller_asleep:  # in the middle of the engine's work: its state may be torn
+                self._fail(KeyboardInterrupt("interrupted while this thread ran mplite's engine"))
+            raise
         except BaseException as exc:
             self._fail(exc)
         finally:
+            self.caller_asleep = False
             self._release_turn()
 
     def wait(self, done, sleep, timeout=None):
@@ -1060,15 +1074,21 @@ class _Engine:
             left = None if deadline is None else max(0.0, deadline - _now())
             span = _WAKE_SECONDS if left is None else min(left, _WAKE_SECONDS)
             if not self._lead(done, span) and span:
-                self.followers += 1
+                self._follow(1)
                 try:
                     sleep(span)
                 finally:
-                    self.followers -= 1
+                    self._follow(-1)
             if done():
                 return True
             if left is not None and _now() >= deadline:
                 return False
+            if not self.thread.is_alive() and not done():  # shut down, and this owner wasn't told
+                raise self.refusal()
+
+    def _follow(self, n):
+        with self._lock:
+            self.followers += n
 
     def refuse_inside_turn(self):
         if self.turn_holder == threading.get_ident() or threading.current_thread() is self.thread:
@@ -1145,13 +1165,14 @@ class _Engine:
         if not self._hold_turn():
             return False
         until = _now() + span
-        try:
+
+        def turns():
             while True:  # at least once: a wait of no time still reads what has come
-                timeout = self._prepare()
-                if timeout is False:
+                timeout = self._prepare()  # it may run commands that deliver: done() now?
+                if timeout is False or done():
                     break  # closing: the engine thread does that
                 left = max(0.0, until - _now())
-                self.caller_asleep = True
+                self.caller_asleep = True  # a Ctrl-C from here to the select finds nothing half done
                 if self._requests:
                     left = 0
                 events = self.selector.select(left if timeout is None else min(left, timeout))
@@ -1159,16 +1180,9 @@ class _Engine:
                 self._handle(events)
                 if done() or _now() >= until:
                     break
-        except KeyboardInterrupt:
-            if not self.caller_asleep:  # it came in the middle of the engine's work: stop
-                self._fail(KeyboardInterrupt("interrupted while this thread ran mplite's engine"))
-            raise  # else it came while asleep, with nothing half done: the pool goes on
-        except BaseException as exc:
-            self._fail(exc)
-        finally:
-            self.caller_asleep = False
             self.caller_left_at = _now()
-            self._release_turn()
+
+        self._in_turn(turns)
         return True
 
     def _run(self):
@@ -1185,6 +1199,7 @@ class _Engine:
                     self.turn_holder = me
                     if self.caller_turns == seen:  # else a caller ran meanwhile: events are stale
                         self._handle(events)
+                    closing = self._closing
                     timeout = self._prepare()
                     if timeout is False:
                         break
@@ -1195,7 +1210,7 @@ class _Engine:
                         timeout = linger if timeout is None else min(linger, timeout)
                     self.thread_wakes_at = None if timeout is None else _now() + timeout
                     self.thread_asleep = True
-                    if self._requests or self._closing is not None:  # came in since: no sleep
+                    if self._requests or self._closing is not closing:  # came in since: no sleep
                         timeout = 0
                     self.turn_holder = None
                 events = selector.select(timeout)  # without the turn: a caller may take it
@@ -1417,8 +1432,14 @@ class _Engine:
 
     def _forget(self, owner):
         """Drop the queued jobs of an owner that wants no more; results of the others are ignored."""
-        self.pending_work_items = deque(j for j in self.pending_work_items if j.owner is not owner)
+        self._keep_pending(lambda job: job.owner is not owner)
         self.backend.forget(owner)
+
+    def _keep_pending(self, keep):
+        """Filter the queue in place: the backends' loops hold it."""
+        kept = [job for job in self.pending_work_items if keep(job)]
+        self.pending_work_items.clear()
+        self.pending_work_items.extend(kept)
 
     def _drop(self, calls):
         for call in calls:
@@ -1429,23 +1450,25 @@ class _Engine:
         """A command: shutdown(cancel_futures=True). Each free worker is assigned its next
         task first, since a future counts as running once assigned; the rest are cancelled."""
         self.backend.dispatch()
-        self.pending_work_items = deque(j for j in self.pending_work_items if not j.owner.cancel(j.start, j.stop))
+        self._keep_pending(lambda job: not job.owner.cancel(job.start, job.stop))
 
 
 _live_engines = weakref.WeakSet()
 
 
 def _timing_key(f):
-    """What a task's duration is measured by: its function's code (lambdas made in a loop
-    share it; a bound method is its function's), else the callable itself, else its type."""
-    key = getattr(f, "__code__", None)
-    if key is not None:
-        return key
-    try:
-        hash(f)
-        return f
-    except TypeError:
-        return type(f)
+    """What a task's duration is measured by, the same for every call of one function: its
+    code (lambdas made in a loop share it; a bound method's is its function's); a partial's
+    function's; a class, or a built-in function or method, by its name; any other callable
+    object by its type (a new one per task must not be a new, unmeasured function each)."""
+    code = getattr(f, "__code__", None)
+    if code is not None:
+        return code
+    if isinstance(f, functools.partial):
+        return _timing_key(f.func)
+    if isinstance(f, (type, types.BuiltinFunctionType)):
+        return getattr(f, "__module__", None), f.__qualname__
+    return type(f)
 
 
 @contextlib.contextmanager
@@ -1471,13 +1494,16 @@ class _PipeWakeUp:
         self.waitable, self.w = os.pipe()
         os.set_blocking(self.waitable, False)
         self.rung = False
+        self.lock = threading.Lock()  # ring() and close(): a closed descriptor's number may be
+        # another file's by now, and must not be written to
 
     def ring(self):
-        w = self.w
-        if not self.rung and w is not None:  # closed: the engine has stopped (a closed
-            self.rung = True                 # descriptor's number may be another file's now)
-            with contextlib.suppress(OSError):
-                os.write(w, b"\0")
+        if not self.rung:
+            with self.lock:
+                if self.w is not None:  # else closed: the engine has stopped
+                    self.rung = True
+                    with contextlib.suppress(OSError):
+                        os.write(self.w, b"\0")
 
     def clear(self):
         with contextlib.suppress(OSError):  # nothing more to read
@@ -1487,7 +1513,8 @@ class _PipeWakeUp:
         self.rung = False
 
     def close(self):
-        w, self.w = self.w, None
+        with self.lock:
+            w, self.w = self.w, None
         os.close(self.waitable)
         os.close(w)
 
@@ -1648,6 +1675,7 @@ class _Processes:
                 self._send(w, False)
         if not pending or pending[0] is self.large_head:
             return
+        self.large_head = None
         now = _now()
         for w in self.workers:
             if not pending:
@@ -1790,6 +1818,8 @@ class _Processes:
         if kind == _READY:
             w.ready = True
             self.boot_deaths = 0
+            for msg in w.messages:  # sent while it booted: a timeout's grace counts from now
+                msg.sent_at = _now()
             if w.child_end is not None:  # the portable path: its pipe tells of its death now
                 w.child_end.close()
                 w.child_end = None
@@ -1881,8 +1911,10 @@ class _Processes:
         w.messages.clear()
 
     def running(self):
-        """The messages whose first owed task is running (for timeouts)."""
-        return [w.messages[0] for w in self.workers if w.messages and w.messages[0].owed and not w.killed]
+        """The messages whose first owed task may be running (for timeouts): not on a worker
+        still booting, nor one stopped already."""
+        return [w.messages[0] for w in self.workers if w.ready and w.messages and w.messages[0].owed
+                and not w.killed]
 
     def abandon(self, msg):
         """msg's running task is past its timeout: stop its worker (and replace it)."""
@@ -1918,6 +1950,7 @@ class _Processes:
             p.join()
         for w in self.workers:
             w.close()
+            w.messages.clear()  # a message refers to its worker: let both go now
         self.workers.clear()
         if hasattr(self, "lifeline"):
             self.lifeline.close()
@@ -2349,7 +2382,11 @@ class _ExecutorBackend:
             msg = engine.take_batch(_REMOTE_BATCH_SECONDS, _REMOTE_MAX_BATCH, timed_alone=True)
             if msg is None:
                 return
-            states = [self._probe(m) for m in self._modules(msg.head_task().func)]
+            try:
+                states = [self._probe(m) for m in self._modules(msg.head_task().func)]
+            except BrokenProcessPool:
+                engine.requeue(msg.jobs)  # its owners are told, with the rest, as the pool stops
+                raise
             error = next((s for s in states if isinstance(s, ImportError)), None)
             if error is not None:
                 for job in msg.jobs:
