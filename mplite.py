@@ -334,7 +334,11 @@ class TaskManager:
         except BaseException:
             inbox.opened(-1)
             raise
-        engine.send_now()
+        try:
+            engine.send_now()  # from this thread, at once
+        except KeyboardInterrupt:  # as in a wait: the pool stops at once
+            self._stop(0, engine)
+            raise
         return task.id
 
     def take(self, timeout=0):
