@@ -973,8 +973,8 @@ class _Message:
 
 
 class _Engine:
-    """The engine core, driving a backend. Callers (any thread) use start(), put(), wait(),
-    drop() and close(); everything else runs in the turn (see above)."""
+    """The engine core, driving a backend. Callers (any thread) use start(), put(), send_now(),
+    wait(), drop() and close(); everything else runs in the turn (see above)."""
 
     def __init__(self, backend, size, drain_at_exit=False):
         self.backend = backend
@@ -1155,11 +1155,13 @@ class _Engine:
     def _release_turn(self):
         """Let go of a caller's turn. The engine thread, asleep, may need to wake: for work
         that came meanwhile, or a deadline sooner than it planned to wake for."""
-        self.turn_holder = None
-        soonest, wakes_at = self.soonest, self.thread_wakes_at
-        ring = self.thread_asleep and (self._requests or self._closing is not None or self.followers or (
-            soonest is not None and (wakes_at is None or soonest < wakes_at)))
-        self._turn_lock.release()
+        try:
+            self.turn_holder = None
+            soonest, wakes_at = self.soonest, self.thread_wakes_at
+            ring = self.thread_asleep and (self._requests or self._closing is not None or self.followers or (
+                soonest is not None and (wakes_at is None or soonest < wakes_at)))
+        finally:  # a Ctrl-C here must not keep the turn
+            self._turn_lock.release()
         if ring:
             self.wake_up.ring()
 
@@ -1199,7 +1201,8 @@ class _Engine:
         me, error, events, seen = threading.get_ident(), None, (), -1
         try:
             while True:
-                with self._turn_lock:
+                self._take_turn_back()
+                try:
                     self.turn_holder = me
                     if self.caller_turns == seen:  # else a caller ran meanwhile: events are stale
                         self._handle(events)
@@ -1216,17 +1219,30 @@ class _Engine:
                     self.thread_asleep = True
                     if self._requests or self._closing is not closing:  # came in since: no sleep
                         timeout = 0
+                finally:
                     self.turn_holder = None
+                    self._turn_lock.release()
                 events = selector.select(timeout)  # without the turn: a caller may take it
                 self.thread_asleep = False
         except BrokenProcessPool as exc:
             error = exc
         except BaseException as exc:  # a bug of ours: fail every caller, rather than hang one
             error = BrokenProcessPool(f"mplite's engine failed:\n{_describe(exc)[0]}")
-        with self._turn_lock:
-            self.turn_holder = me
-            self._shut_down(error)
-            self.turn_holder = None
+        self._take_turn_back()
+        self.turn_holder = me
+        self._shut_down(error)
+        self.turn_holder = None
+        self._turn_lock.release()
+
+    def _take_turn_back(self):
+        """The engine thread takes the turn, waiting for a caller that holds it. A Ctrl-C may
+        stop a caller just after it took the lock, before it said so: the lock is then held by
+        nobody, for good. Seen so twice, a quarter of a second apart, the turn is taken as it is."""
+        orphaned = 0
+        while not self._turn_lock.acquire(timeout=0.25):
+            orphaned = orphaned + 1 if self.turn_holder is None else 0
+            if orphaned == 2:
+                return
 
     def _prepare(self):
         """Take the requests, send work, enforce timeouts. Returns seconds until the next
