@@ -1217,7 +1217,8 @@ class _Engine:
                         timeout = linger if timeout is None else min(linger, timeout)
                     self.thread_wakes_at = None if timeout is None else _now() + timeout
                     self.thread_asleep = True
-                    if self._requests or self._closing is not closing:  # came in since: no sleep
+                    if self._requests or self._closing is not closing or (
+                            closing is not None and self._idle()):  # came in since, or done: no sleep
                         timeout = 0
                 finally:
                     self.turn_holder = None
