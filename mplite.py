@@ -1206,6 +1206,7 @@ class _Engine:
                     self.turn_holder = me
                     if self.caller_turns == seen:  # else a caller ran meanwhile: events are stale
                         self._handle(events)
+                    events = ()  # nothing of them kept while it sleeps (a dead worker, say)
                     closing = self._closing
                     timeout = self._prepare()
                     if timeout is False:
@@ -1596,11 +1597,14 @@ class _Worker:
         return _JOURNAL_HEAD.unpack_from(self.journal.buffer)[1] >= self.messages[0].number
 
     def close(self):
+        """Its pipe, sentinel, process and journal go now, not when the collector finds them."""
         self.conn.close()
         if self.child_end is not None:
             self.child_end.close()
         if self.sentinel != self.process.sentinel:
             os.close(self.sentinel)
+        self.process.close()  # ended and joined
+        self.journal = None
 
     def receive(self):
         return self.reader.read(self.link)
@@ -1897,6 +1901,8 @@ class _Processes:
                 self._progress(w, -1.0, _now())
             number += 1
         w.gone = True
+        began = bool(w.messages) and w.began_head()
+        code, pid = w.process.exitcode, w.process.pid
         with contextlib.suppress(KeyError, ValueError):
             engine.selector.unregister(w.sentinel)
         if not w.eof:
@@ -1904,7 +1910,6 @@ class _Processes:
         w.close()
         self.workers.remove(w)
         self.missing += 1
-        code = w.process.exitcode
         if not w.ready:
             # Killed from outside: start another, within reason. Exited by itself: it will
             # again (the main module fails to import, say).
@@ -1919,10 +1924,10 @@ class _Processes:
                 raise BrokenProcessPool(f"a worker process {_exit_reason(code)} before it was ready; "
                                         f"see its output above.{cure}")
             return
-        if w.messages and w.messages[0].owed and not w.killed and w.began_head():
+        if began and w.messages[0].owed and not w.killed:
             msg = w.messages[0]
             task = msg.head_task()
-            died = f"the worker process (pid {w.process.pid}) running {_short(task)} {_exit_reason(code)}"
+            died = f"the worker process (pid {pid}) running {_short(task)} {_exit_reason(code)}"
             # Its text reads as in mplite 1.x; exception mode raises the richer class.
             engine.fail_head(msg, _Failure(_describe(ChildProcessError(died))[0], exc=WorkerDiedError(died)))
         # The rest never began; after a timeout, the task after the one stopped may have just
