@@ -5170,6 +5170,98 @@ def test_tiny_tasks_exception_mode_stops_at_the_bad_item(pools, tmp_path):
     assert max(runs(log + "2").values()) == 1
 
 
+def stop_at(i, at):
+    """A task that raises StopIteration at one input: it must not end the loop that runs a batch."""
+    if i == at:
+        raise StopIteration("no more after %d" % i)
+    return i * 3
+
+
+GROWING = []
+
+
+def grow(i):
+    """Returns the same list each time, grown: a batch's answers must be the list as each task left it."""
+    GROWING.append(i)
+    return GROWING
+
+
+def same(x):
+    return x
+
+
+@pytest.mark.parametrize("how", ["execute", "map", "imap", "submit", "executor"])
+def test_tiny_tasks_stop_iteration_is_the_task_error(pool, pools, method, how):
+    # A task that raises StopIteration fails alone: a loop that calls tasks in C must not take it
+    # for its own end, drop the rest of the batch, or lose that task's answer (even the last one).
+    n, at = 3000, [5, 1023, 1024, 2999]
+    with _fault_deadline(90, how):
+        if how == "execute":
+            res = pool.execute([Task(stop_at, i, at[i % 4]) for i in range(n)], progress=False)
+        elif how == "map":
+            res = [pool.map(functools.partial(stop_at, at=a), range(n)) for a in at]
+        elif how == "imap":
+            res = [list(pool.imap(functools.partial(stop_at, at=a), range(n))) for a in at]
+        elif how == "submit":
+            ids = {pool.submit(Task(stop_at, i, 7)): i for i in range(50)}
+            got = {task.id: result for task, result in pool.as_completed(timeout=60)}
+            res = [got[tid] for tid, i in sorted(ids.items(), key=lambda kv: kv[1])]
+        else:
+            ex = mplite.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context(method))
+            try:
+                futures = [ex.submit(stop_at, i, 3) for i in range(10)]
+                res = [f.result() if f.exception(timeout=60) is None else
+                       "".join(traceback.format_exception(type(f.exception()), f.exception(), None)) for f in futures]
+                assert type(futures[3].exception()) is StopIteration
+                assert list(ex.map(functools.partial(stop_at, at=10**9), range(2000))) == [i * 3 for i in range(2000)]
+            finally:
+                ex.shutdown()
+    if how == "execute":
+        bad = {i for i in range(n) if i == at[i % 4]}
+        rows = [(res, bad)]
+    elif how in ("map", "imap"):
+        rows = [(r, {a}) for r, a in zip(res, at) if a < n]
+    else:
+        rows = [(res, {7} if how == "submit" else {3})]
+    for got, bad in rows:
+        assert len(got) == (n if how in ("execute", "map", "imap") else len(got))
+        for i, r in enumerate(got):
+            if i in bad:  # its own exception, with its message and traceback
+                assert isinstance(r, str) and "StopIteration: no more after %d" % i in r and "stop_at" in r, r
+            else:
+                assert r == i * 3, (i, r)
+    assert pool.open_tasks == 0
+
+
+def test_tiny_tasks_results_keep_their_types_and_their_value_at_the_task_end(pool):
+    # Plain results travel marshalled, the rest pickled: no type may change on the way (a bytearray
+    # is no bytes, a bool no int, a subclass no base), and a result is what it was as its task ended.
+    values = [True, False, 2 ** 100, -1, 1.5, float("inf"), "s", "é" * 3, b"b", None, 1j, bytearray(b"a"),
+              (1, [2, "x"]), [1, 2], {"a": {1, 2}}, frozenset({3}), Counter(a=1), range(3), ValueError("v")]
+    with _fault_deadline(60, "map"):
+        got = pool.map(same, values)
+        listed = pool.execute([Task(same, v) for v in values[:11]], progress=False)  # all plain: one list
+    for v, r in zip(values, got):
+        assert type(r) is type(v), (v, r)
+        assert r == v or isinstance(v, ValueError) and r.args == v.args, (v, r)
+    assert [type(r) for r in listed] == [type(v) for v in values[:11]] and listed == values[:11]
+    with _fault_deadline(60, "map"):
+        grown = pool.map(grow, range(200))
+    for i, r in enumerate(grown):
+        assert r[-1] == i, "the answer of task %d is not the list as it left it: %r" % (i, r[-5:])
+
+
+@pytest.mark.parametrize("iterables", [1, 2])
+def test_executor_map_of_one_iterable_calls_with_each_item(spex, iterables):
+    # One iterable: fn(x) for each x, tuples included (a tuple is not spread into arguments).
+    items = [(1, 2), (3,), "ab", 5]
+    with _fault_deadline(60, "map"):
+        if iterables == 1:
+            assert list(spex.map(same, items)) == items
+        else:
+            assert list(spex.map(echo, items, range(4))) == [((x, i), {}) for i, x in enumerate(items)]
+
+
 # ---------------------------------------------------------------------------------------------
 # mplite.ProcessPoolExecutor.map(buffersize=)
 # ---------------------------------------------------------------------------------------------
