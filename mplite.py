@@ -2415,6 +2415,17 @@ def _pickle(obj, forked_main=None, sent=None):
 
 
 @functools.lru_cache(maxsize=4)
+def _first_top_level_if(path):
+    """The line of the main script's first top-level `if` (inf: none, or no script to read)."""
+    with contextlib.suppress(OSError, TypeError, ValueError):
+        with open(path, "rb") as source:
+            for number, text in enumerate(source, 1):
+                if text.startswith((b"if ", b"if(", b"if\t")):
+                    return number
+    return float("inf")
+
+
+@functools.lru_cache(maxsize=4)
 def _main_guards(path):
     """(first, last) line of each top-level `if __name__ == ...:` block of the main script."""
     import ast  # here: workers never need it
@@ -2458,7 +2469,8 @@ def _by_name(obj):
         return False
     if type(obj) is types.FunctionType and obj.__module__ == "__main__":
         line = obj.__code__.co_firstlineno
-        return not any(start <= line <= end for start, end in _main_guards(_main_file()))
+        path = _main_file()  # most functions come before the first `if`: no need to parse the script
+        return line < _first_top_level_if(path) or not any(a <= line <= b for a, b in _main_guards(path))
     return True
 
 

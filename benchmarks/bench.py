@@ -534,6 +534,23 @@ class MpliteBaseline(Mplite):
     path_option = "baseline_path"
 
 
+class MpliteBaselineMap(MpliteMap):
+    label = "mplite {v} tm.map (baseline)"
+    path_option = "baseline_path"
+
+
+class MpliteBaselineImap(MpliteImap):
+    label = "mplite {v} tm.imap (baseline)"
+    path_option = "baseline_path"
+    workloads = ("W1a",)
+
+
+class MpliteBaselinePPE(MplitePPE):
+    label = "mplite {v} ProcessPoolExecutor (baseline)"
+    path_option = "baseline_path"
+    workloads = ("W1", "W1a")
+
+
 class _SilentBar:
     def update(self, n=1):
         pass
@@ -678,6 +695,9 @@ CONTENDERS = {
     "mplite.PPE": MplitePPE,
     "mplite-lambda": MpliteLambda,
     "mplite-baseline": MpliteBaseline,
+    "mplite.map-baseline": MpliteBaselineMap,
+    "mplite.imap-baseline": MpliteBaselineImap,
+    "mplite.PPE-baseline": MpliteBaselinePPE,
     "mplite1": Mplite1,
     "joblib": Joblib,
     "loky": Loky,
