@@ -250,7 +250,7 @@ class TaskManager:
         engine.refuse_inside_turn()
         # What is read ahead starts at a few tasks per worker and grows with the results taken, up to a
         # limit: it stays bounded, and small for a consumer that takes few results.
-        limit, least = 4096 * self._cpu_count, 4 * self._cpu_count
+        limit, least = 4096 * self._cpu_count, 4 * self._cpu_count  # the README's promise
         stream = _Stream(engine, f, False, iter(iterable), self._options(timeout)[0],
                          lambda taken: min(limit, max(least, taken)))
         return stream.results(lambda call: self._wait(engine, call.done), self._failed)
@@ -347,7 +347,7 @@ class TaskManager:
         if engine.closed:
             raise engine.refusal()
         if f is not None:
-            _check_functions([Task(f)], engine.backend.forked_main)
+            _check_functions([_mappable(f)], engine.backend.forked_main)
         return engine
 
     def _wait(self, engine, event, timeout=None):
@@ -420,7 +420,7 @@ class ProcessPoolExecutor(futures.Executor):
         deadline = None if timeout is None else _now() + timeout
         engine = self._engine
         _refuse_after(self._shut)
-        _check_functions([Task(fn)], engine.backend.forked_main)
+        _check_functions([_mappable(fn)], engine.backend.forked_main)
         # Calls travel in chunks (of _Mapped), not a Future each. With no buffersize, all of
         # them are sent now, as the standard library's map() does; with one, that many.
         star = len(iterables) != 1  # one iterable: f(x), with no tuple made for each x
@@ -912,7 +912,7 @@ class _Engine:
         self.failure = None             # why the pool broke by itself (a BrokenProcessPool)
         self.closed = False             # it takes no more requests
         self.thread = None
-        self._lock = threading.Lock()   # guards these two:
+        self._lock = threading.Lock()   # guards these two, `closed` and `followers`:
         self._requests = deque()        # jobs and commands, for the turn
         self._closing = None            # (grace, drain, error) once close() was asked for
         self._turn_lock = threading.Lock()  # the turn; its holder writes:
@@ -1058,7 +1058,7 @@ class _Engine:
         """True if taken: the engine thread holds it for moments (never asleep); another caller may hold it."""
         me = threading.get_ident()
         if _PORTABLE or self._closing is not None or self.turn_holder == me or \
-                not self._turn_lock.acquire(timeout=_PATIENCE_SECONDS):
+                threading.current_thread() is self.thread or not self._turn_lock.acquire(timeout=_PATIENCE_SECONDS):
             return False  # portable: only the engine thread runs it (see there)
         self.turn_holder = me
         self.caller_turns += 1
@@ -1590,17 +1590,19 @@ class _Processes:
             engine.requeue(msg.jobs)
             self.large_head = engine.pending_work_items[0]
             return
-        try:
-            w.send(body)
-        except OSError:  # the worker is gone: its sentinel will tell
-            w.open = False
-            return engine.requeue(msg.jobs)
-        w.globals_sent = sent
         w.sent += 1
         msg.number, msg.where, msg.sent_at = w.sent, w, _now()
         if not w.messages and not msg.timed:
             msg.began = msg.sent_at
-        w.messages.append(msg)
+        w.messages.append(msg)  # first: a Ctrl-C in a long send leaves it where the shutdown finds it
+        try:
+            w.send(body)
+        except OSError:  # the worker is gone: its sentinel will tell
+            w.messages.pop()
+            w.sent -= 1
+            w.open = False
+            return engine.requeue(msg.jobs)
+        w.globals_sent = sent
         if w.left is not None:
             w.left -= msg.owed
             if w.left == 0:  # it exits after these, and is replaced
@@ -1972,18 +1974,18 @@ class _Outbox:
         for run in runs:
             first = self.number + count  # the answers before this run's
             for value in _outcomes(run):
-                if value.__class__ in scalars:
-                    kind, blob = _SCALAR, scalar(value, 2)
-                elif value.__class__ is _Raised:
-                    kind, blob = _FAILED, dumps(_describe(value.exc), -1)
-                else:
-                    try:
+                try:  # a result that claims a scalar class (a mock, a proxy) may raise here too
+                    if value.__class__ in scalars:
+                        kind, blob = _SCALAR, scalar(value, 2)
+                    elif value.__class__ is _Raised:
+                        kind, blob = _FAILED, dumps(_describe(value.exc), -1)
+                    else:
                         kind, blob = _DONE, dumps(value, -1)
-                    except BaseException as exc:  # the error pickling raised is the task's
-                        task = _run_task(run, self.number + count - first)
-                        note = (f"The above was raised while pickling the result of {_short(task)}, "
-                                f"a {type(value).__name__}, to send it back: it can't be pickled.")
-                        kind, blob = _FAILED, dumps(_describe(exc, note), -1)
+                except BaseException as exc:  # the error pickling raised is the task's
+                    task = _run_task(run, self.number + count - first)
+                    note = (f"The above was raised while pickling the result of {_short(task)}, "
+                            f"a {type(value).__name__}, to send it back: it can't be pickled.")
+                    kind, blob = _FAILED, dumps(_describe(exc, note), -1)
                 stop = end + len(blob)
                 if stop > room or count == _JOURNAL_ENTRIES:  # full: send what it holds first
                     self.flush(count, end)
@@ -1997,7 +1999,7 @@ class _Outbox:
                 end = stop
                 count += 1
                 # With a timeout the parent must see each task end: it times the next from there.
-                if each or not count & 7 and _now() - flushed > _FLUSH_SECONDS:
+                if each or (count & 7 == 0 and _now() - flushed > _FLUSH_SECONDS):
                     self.flush(count, end)
                     count = end = 0
                     flushed = _now()
@@ -2125,7 +2127,7 @@ _HEADER = struct.Struct("<IBd")
 _ENTRIES, _PICKLED, _LISTED, _STARTED = range(4)
 _DONE, _FAILED, _READY, _INIT_FAILED, _UNREADABLE, _SCALAR = range(6)
 _ANSWER_KINDS = (_DONE, _SCALAR, _FAILED)
-# Only immutable results are listed at flush time: another could have changed since its task.
+# The exact types marshal keeps as they are: a _SCALAR answer is marshalled as its task ends.
 _SCALARS = frozenset({int, float, complex, bool, str, bytes, type(None)})
 _KIND_OF_BYTE = bytes(b & 7 for b in range(256))  # an entry's kind, from its word's low byte
 _SCALAR_KINDS = bytes([_SCALAR])
@@ -2887,10 +2889,18 @@ def _checked(value, name, kind=float, zero_ok=False):
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, kind)):
-        raise TypeError(f"{name} must be {'an int' if kind is int else 'a number'} or None, not {value!r}")
+        what = "an int" if kind is int else "a number of seconds"
+        raise TypeError(f"{name} must be {what} or None, not {value!r}")
     if not (value >= 0 if zero_ok else value > 0) or value != value:
         raise ValueError(f"{name} must be {'0 or more' if zero_ok else 'more than 0'}, not {value!r}")
     return value
+
+
+def _mappable(f):
+    """A Task of f, to check that it can travel; or why f can't be mapped."""
+    if not callable(f):
+        raise TypeError(f"map needs a callable, not {f!r}")
+    return Task(f)
 
 
 def _task_list(tasks):

@@ -5251,6 +5251,38 @@ def test_tiny_tasks_results_keep_their_types_and_their_value_at_the_task_end(poo
         assert r[-1] == i, "the answer of task %d is not the list as it left it: %r" % (i, r[-5:])
 
 
+class ClaimsInt:
+    """Says it is an int, as a mock or a proxy may: marshal refuses it."""
+    @property
+    def __class__(self):
+        return int
+
+
+class UnhashableMeta(type):
+    __eq__ = type.__eq__  # and so no __hash__: `cls in a_set` raises TypeError
+    __hash__ = None
+
+
+class OfUnhashableClass(metaclass=UnhashableMeta):
+    pass
+
+
+def odd_result_at(i, at, kind):
+    if i != at:
+        return i * 3
+    return ClaimsInt() if kind == "claims-int" else OfUnhashableClass()
+
+
+@pytest.mark.parametrize("kind", ["claims-int", "unhashable-class"])
+def test_tiny_tasks_an_odd_result_fails_its_task_not_its_worker(pool, kind):
+    # A result the worker can't even classify (its class lies, or can't be hashed) is its task's
+    # error, like a result that can't be pickled: the worker goes on, and no other task fails.
+    with _fault_deadline(90, "map"):
+        res = pool.map(functools.partial(odd_result_at, at=500, kind=kind), range(2000))
+    assert isinstance(res[500], str) and "odd_result_at" in res[500] and "ChildProcessError" not in res[500], res[500]
+    assert [r for i, r in enumerate(res) if i != 500] == [i * 3 for i in range(2000) if i != 500]
+
+
 @pytest.mark.parametrize("iterables", [1, 2])
 def test_executor_map_of_one_iterable_calls_with_each_item(spex, iterables):
     # One iterable: fn(x) for each x, tuples included (a tuple is not spread into arguments).
