@@ -618,7 +618,7 @@ class _Mapped(_Call):
         self.star = star
 
     def task(self, slot):
-        return Task(self.f, *self.items[slot]) if self.star else Task(self.f, self.items[slot])
+        return _run_task(self.run(slot, slot + 1), 0)
 
     def run(self, start, stop):
         return self.f, self.star, self.items[start:stop]
@@ -1058,7 +1058,7 @@ class _Engine:
         """True if taken: the engine thread holds it for moments (never asleep); another caller may hold it."""
         me = threading.get_ident()
         if _PORTABLE or self._closing is not None or self.turn_holder == me or \
-                threading.current_thread() is self.thread or not self._turn_lock.acquire(timeout=_PATIENCE_SECONDS):
+                self.thread.ident == me or not self._turn_lock.acquire(timeout=_PATIENCE_SECONDS):
             return False  # portable: only the engine thread runs it (see there)
         self.turn_holder = me
         self.caller_turns += 1
@@ -2018,7 +2018,7 @@ class _Outbox:
                 self.link.write([_frame_head(_LISTED, count, _LIST_HEAD.size + end, spent),
                                  _LIST_HEAD.pack(b"[", count), self.data[:end]])
             else:
-                form = _ENTRIES if kinds.strip(bytes([_DONE])) else _PICKLED
+                form = _ENTRIES if kinds.strip(_DONE_KINDS) else _PICKLED
                 self.link.write([_frame_head(form, count, 8 * count + end, spent),
                                  self.words[:8 * count], self.data[:end]])
             self.words[:8 * count] = bytes(8 * count)  # empty the journal first, then renumber it
@@ -2130,7 +2130,7 @@ _ANSWER_KINDS = (_DONE, _SCALAR, _FAILED)
 # The exact types marshal keeps as they are: a _SCALAR answer is marshalled as its task ends.
 _SCALARS = frozenset({int, float, complex, bool, str, bytes, type(None)})
 _KIND_OF_BYTE = bytes(b & 7 for b in range(256))  # an entry's kind, from its word's low byte
-_SCALAR_KINDS = bytes([_SCALAR])
+_SCALAR_KINDS, _DONE_KINDS = bytes([_SCALAR]), bytes([_DONE])  # an entry's kind, as a byte
 _LIST_HEAD = struct.Struct("<ci")  # how marshal starts a list: "[", then its length
 _JOURNAL_HEAD = struct.Struct("<QQ")
 _JOURNAL_ENTRIES = 4096

@@ -2557,9 +2557,21 @@ def kill_session(proc):
                 kill_hard(pid)
         with contextlib.suppress(OSError):
             proc.kill()
-        return
-    with contextlib.suppress(OSError):
-        os.killpg(proc.pid, signal.SIGKILL)
+    else:
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(Exception):
+        proc.wait(10)
+
+
+def assert_session_ends(proc, what):
+    """proc has exited: the rest of its session (workers, multiprocessing's resource tracker and
+    forkserver, which exit once their pipe from it closes) must be gone within 15 s."""
+    deadline = time.monotonic() + 15
+    while session_processes(proc) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = session_processes(proc)
+    assert not left, "processes of %s left behind: %s" % (what, left)
 
 
 class _FaultScript:
@@ -2623,8 +2635,6 @@ class _FaultScript:
                 with contextlib.suppress(OSError):
                     kill_hard(pid)
         kill_session(self.proc)
-        with contextlib.suppress(Exception):
-            self.proc.wait(10)
 
 
 def _ctrl_c_and_check(child, pids):
@@ -3331,6 +3341,14 @@ def make_executor(max_workers=2, method="spawn", **kwargs):
     return mplite.ProcessPoolExecutor(max_workers, mp_context=method, **kwargs)
 
 
+def watched_executor(method, tmp_path):
+    """A started 2-worker executor, its workers' pids and its engine thread: what a test of its
+    shutdown watches go away (in place of CPython's executor._processes and manager thread)."""
+    before = engine_threads()
+    ex = make_executor(2, method)
+    return ex, executor_pids(ex, tmp_path, 2), engine_threads() - before
+
+
 def executor_pids(ex, parent_dir, n):
     """The pids of the n workers of a fresh executor (see rendezvous)."""
     folder = tempfile.mkdtemp(dir=str(parent_dir))
@@ -3679,10 +3697,7 @@ def test_executor_max_tasks_per_child():
 
 def test_executor_dropped_without_shutdown_finishes_its_work_and_stops(tmp_path):
     # CPython's test_del_shutdown: the executor is dropped while its map's results are pending
-    before = engine_threads()
-    ex = make_executor(2, "spawn")
-    pids = executor_pids(ex, tmp_path, 2)
-    engines = engine_threads() - before
+    ex, pids, engines = watched_executor("spawn", tmp_path)
     results = ex.map(sleep_return, [0.1] * 6, range(-3, 3), timeout=60)
     del ex
     gc.collect()
@@ -4430,15 +4445,9 @@ def run_script_in_own_session(args, stdin=None, limit=120):
                 out, err = proc.communicate(stdin.encode() if stdin is not None else None, timeout=limit)
             except subprocess.TimeoutExpired:
                 pytest.fail("the script had not exited after %s s (hang)" % limit)
-            deadline = time.monotonic() + 15  # the singletons exit once their pipe from it closes
-            while session_processes(proc) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            left = session_processes(proc)
-            assert not left, "processes of the script left behind: %s" % left
+            assert_session_ends(proc, "the script")
         finally:
-            kill_session(proc)  # whatever happened, leave nothing running
-            with contextlib.suppress(Exception):
-                proc.wait(10)
+            kill_session(proc)
     return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
 
 
@@ -5224,7 +5233,7 @@ def test_tiny_tasks_stop_iteration_is_the_task_error(pool, pools, method, how):
     else:
         rows = [(res, {7} if how == "submit" else {3})]
     for got, bad in rows:
-        assert len(got) == (n if how in ("execute", "map", "imap") else len(got))
+        assert len(got) == {"submit": 50, "executor": 10}.get(how, n)
         for i, r in enumerate(got):
             if i in bad:  # its own exception, with its message and traceback
                 assert isinstance(r, str) and "StopIteration: no more after %d" % i in r and "stop_at" in r, r
@@ -6771,10 +6780,7 @@ def test_cf_del_shutdown(method, tmp_path):
     # name, in place of executor._processes, _executor_manager_thread and _call_queue); issue
     # 16's behaviour 4: an executor dropped without shutdown() shuts down once it is collected,
     # while a map() iterator made before is still alive, and that iterator yields every result.
-    before = engine_threads()
-    ex = make_executor(2, method)
-    pids = executor_pids(ex, tmp_path, 2)
-    engines = engine_threads() - before
+    ex, pids, engines = watched_executor(method, tmp_path)
     results = ex.map(abs, range(-5, 5))
     try:
         del ex
@@ -6790,10 +6796,7 @@ def test_cf_del_shutdown(method, tmp_path):
 def test_cf_shutdown_no_wait(method, tmp_path):
     # adapted (pids and the engine thread, in place of executor._processes, _call_queue and
     # _executor_manager_thread)
-    before = engine_threads()
-    ex = make_executor(2, method)
-    pids = executor_pids(ex, tmp_path, 2)
-    engines = engine_threads() - before
+    ex, pids, engines = watched_executor(method, tmp_path)
     results = ex.map(abs, range(-5, 5))
     cf_shutdown(ex, wait=False)
     assert wait_gone(pids) == []
@@ -7017,35 +7020,38 @@ def test_cf_wait_20369(cf_ex):
     assert (done, not_done) == ({future}, set())
 
 
+@contextlib.contextmanager
+def cf_pending(ex, tmp_path):
+    """A future whose task waits, pending, until the block ends: then its gate opens, and its
+    result is collected (a gate in place of CPython's long sleeps)."""
+    gate = str(tmp_path / "gate")
+    future = ex.submit(wait_for_file, gate, None)
+    try:
+        yield future
+    finally:
+        open(gate, "w").close()
+    future.result(timeout=60)
+
+
 def test_cf_wait_first_completed(cf_ex, tmp_path):
     # as-is
-    gate = str(tmp_path / "gate")
     cancelled = cf_future("cancelled")
-    try:
-        future1 = cf_ex.submit(cf_mul, 21, 2)
-        future2 = cf_ex.submit(wait_for_file, gate, None)
+    future1 = cf_ex.submit(cf_mul, 21, 2)
+    with cf_pending(cf_ex, tmp_path) as future2:
         done, not_done = concurrent.futures.wait([cancelled, future1, future2], timeout=60,
                                                  return_when=concurrent.futures.FIRST_COMPLETED)
         assert done == {future1}
         assert not_done == {cancelled, future2}
-    finally:
-        open(gate, "w").close()
-    future2.result(timeout=60)
 
 
 def test_cf_wait_first_completed_some_already_completed(cf_ex, tmp_path):
     # as-is
-    gate = str(tmp_path / "gate")
     cancelled_notified, successful = cf_future("cancelled_and_notified"), cf_future("successful")
-    try:
-        future1 = cf_ex.submit(wait_for_file, gate, None)
+    with cf_pending(cf_ex, tmp_path) as future1:
         finished, pending = concurrent.futures.wait([cancelled_notified, successful, future1], timeout=60,
                                                     return_when=concurrent.futures.FIRST_COMPLETED)
         assert finished == {cancelled_notified, successful}
         assert pending == {future1}
-    finally:
-        open(gate, "w").close()
-    future1.result(timeout=60)
 
 
 def test_cf_wait_first_exception(cf_ex, tmp_path):
@@ -7076,35 +7082,25 @@ def test_cf_wait_first_exception(cf_ex, tmp_path):
 
 def test_cf_wait_first_exception_some_already_complete(cf_ex, tmp_path):
     # as-is
-    gate = str(tmp_path / "gate")
     successful, cancelled, cancelled_notified = (cf_future("successful"), cf_future("cancelled"),
                                                  cf_future("cancelled_and_notified"))
-    try:
-        future1 = cf_ex.submit(divmod, 21, 0)
-        future2 = cf_ex.submit(wait_for_file, gate, None)
+    future1 = cf_ex.submit(divmod, 21, 0)
+    with cf_pending(cf_ex, tmp_path) as future2:
         finished, pending = concurrent.futures.wait(
             [successful, cancelled, cancelled_notified, future1, future2], timeout=60,
             return_when=concurrent.futures.FIRST_EXCEPTION)
         assert finished == {successful, cancelled_notified, future1}
         assert pending == {cancelled, future2}
-    finally:
-        open(gate, "w").close()
-    future2.result(timeout=60)
 
 
 def test_cf_wait_first_exception_one_already_failed(cf_ex, tmp_path):
     # as-is
-    gate = str(tmp_path / "gate")
     failed = cf_future("exception")
-    try:
-        future1 = cf_ex.submit(wait_for_file, gate, None)
+    with cf_pending(cf_ex, tmp_path) as future1:
         finished, pending = concurrent.futures.wait([failed, future1], timeout=60,
                                                     return_when=concurrent.futures.FIRST_EXCEPTION)
         assert finished == {failed}
         assert pending == {future1}
-    finally:
-        open(gate, "w").close()
-    future1.result(timeout=60)
 
 
 def test_cf_wait_all_completed(cf_ex):
@@ -7120,17 +7116,12 @@ def test_cf_wait_all_completed(cf_ex):
 
 def test_cf_wait_timeout(cf_ex, tmp_path):
     # as-is
-    gate = str(tmp_path / "gate")
     fixed = [cf_future("cancelled_and_notified"), cf_future("exception"), cf_future("successful")]
-    try:
-        future = cf_ex.submit(wait_for_file, gate, None)
+    with cf_pending(cf_ex, tmp_path) as future:
         finished, pending = concurrent.futures.wait(fixed + [future], timeout=0.05,
                                                     return_when=concurrent.futures.ALL_COMPLETED)
         assert finished == set(fixed)
         assert pending == {future}
-    finally:
-        open(gate, "w").close()
-    future.result(timeout=60)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -7217,15 +7208,9 @@ def win_run_child(tmp_path, source, args=(), portable="", limit=WIN_HANG_S):
             pytest.fail("hang: the child script had not exited after %s s\nstdout:\n%s\nstderr:\n%s"
                         % (limit, out.decode(errors="replace"), err.decode(errors="replace")[-5000:]))
         elapsed = time.monotonic() - started
-        deadline = time.monotonic() + 15  # the resource tracker exits once its pipe from the script closes
-        while session_processes(proc) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        left = session_processes(proc)
-        assert not left, "processes of the child script left behind: %s" % left
+        assert_session_ends(proc, "the child script")
     finally:
-        kill_session(proc)  # whatever happened, leave nothing running
-        with contextlib.suppress(Exception):
-            proc.wait(10)
+        kill_session(proc)
     return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"), elapsed, proc.pid
 
 
@@ -8343,57 +8328,54 @@ def test_sched_threads_a_timed_out_wait_returns_promptly_while_another_thread_wa
     # the engine until other work is done).
     gate = str(tmp_path / "gate")
     timer = open_gate_later(gate, 60)
-    stop = threading.Event()
-    other_done = []
+    def waits_time_out_while_another_thread_works(timed_wait, other_call, what):
+        """timed_wait() five times, each a wait of 0.1 s that times out, while another thread
+        keeps calling other_call(i) == i through the same pool: both must go on."""
+        stop, other_done = threading.Event(), []
 
-    def other_waiter(call):
-        i = 0
+        def other_waiter():
+            i = 0
+            try:
+                while not stop.is_set():
+                    assert other_call(i) == i
+                    i += 1
+                other_done.append(i)
+            except BaseException as exc:  # shown by the test's thread
+                other_done.append(exc)
+
+        thread = threading.Thread(target=other_waiter, daemon=True)
+        thread.start()
         try:
-            while not stop.is_set():
-                assert call(i) == i
-                i += 1
-            other_done.append(i)
-        except BaseException as exc:  # shown by the test's thread
-            other_done.append(exc)
+            for _ in range(5):
+                start = time.monotonic()
+                timed_wait()
+                seconds = time.monotonic() - start
+                assert seconds < 2.0, "%s took %.2f s" % (what, seconds)
+        finally:
+            stop.set()
+            thread.join(60)
+        assert not thread.is_alive() and other_done and not isinstance(other_done[0], BaseException) \
+            and other_done[0] > 0, other_done
+
+    def result_times_out():
+        with pytest.raises(concurrent.futures.TimeoutError):
+            long.result(timeout=0.1)
 
     try:
         with make_executor(2, method) as ex:
             long = ex.submit(wait_for_file, gate, "long", 60)
-            thread = threading.Thread(target=other_waiter, daemon=True,
-                                      args=(lambda i: ex.submit(sched_identity, i).result(timeout=30),))
-            thread.start()
-            try:
-                for _ in range(5):
-                    start = time.monotonic()
-                    with pytest.raises(concurrent.futures.TimeoutError):
-                        long.result(timeout=0.1)
-                    seconds = time.monotonic() - start
-                    assert seconds < 2.0, "result(timeout=0.1) took %.2f s" % seconds
-            finally:
-                stop.set()
-                thread.join(60)
-            assert not thread.is_alive() and other_done and not isinstance(other_done[0], BaseException) \
-                and other_done[0] > 0, other_done
+            waits_time_out_while_another_thread_works(
+                result_times_out, lambda i: ex.submit(sched_identity, i).result(timeout=30), "result(timeout=0.1)")
             open(gate, "w").close()
             assert long.result(timeout=60) == "long"
-        stop.clear()
-        other_done.clear()
         with TaskManager(2, context=method) as tm:
             tm.submit(Task(wait_for_file, gate + "-tm", "long", 60))
-            thread = threading.Thread(target=other_waiter, daemon=True,
-                                      args=(lambda i: tm.execute([Task(sched_identity, i)], progress=False)[0],))
-            thread.start()
-            try:
-                for _ in range(5):
-                    start = time.monotonic()
-                    assert tm.take(timeout=0.1) is None
-                    seconds = time.monotonic() - start
-                    assert seconds < 2.0, "take(timeout=0.1) took %.2f s" % seconds
-            finally:
-                stop.set()
-                thread.join(60)
-            assert not thread.is_alive() and other_done and not isinstance(other_done[0], BaseException) \
-                and other_done[0] > 0, other_done
+
+            def take_times_out():
+                assert tm.take(timeout=0.1) is None
+
+            waits_time_out_while_another_thread_works(
+                take_times_out, lambda i: tm.execute([Task(sched_identity, i)], progress=False)[0], "take(timeout=0.1)")
             open(gate + "-tm", "w").close()
             assert bounded(lambda: tm.take(timeout=None), 60) == "long"
     finally:
