@@ -1223,8 +1223,10 @@ class _Engine:
             if not jobs:
                 first, per = key, self.durations.get(key)
                 n = 1 if per is None or alone else max(1, min(most, int(seconds / max(per, 1e-7))))
-                if n > 1:  # no smaller than an eighth of that: a message costs more than it saves
-                    n = min(n, max(n // 8, ceil(self._queued(2 * self.size * n) / (2 * self.size))))
+                if n > 1:  # near the end: never past a worker's share of the queue (each free
+                    # worker gets some), half a share, yet no less than an eighth of a full message
+                    queued = self._queued(2 * self.size * n)
+                    n = min(n, ceil(queued / self.size), max(n // 8, ceil(queued / (2 * self.size))))
             elif key != first or alone or not owner.claim():
                 break
             take = min(n - count, job.stop - job.start)
