@@ -1207,10 +1207,11 @@ class _Engine:
 
     # -- what runs in the turn, for the backend --------------------------------------------------
 
-    def take_batch(self, seconds, most, timed_alone=False):
+    def take_batch(self, seconds, most, free=1, timed_alone=False):
         """The next message (None: nothing waits): queued tasks of one function, as many as make
         `seconds` of work as measured (at most `most`; one while not measured), fewer near the
-        queue's end, so the last tasks spread over the workers. timed_alone: timed tasks go alone."""
+        queue's end, so the last tasks spread over the workers. free: the workers free now, this
+        one included, each due an equal share of the queue. timed_alone: timed tasks go alone."""
         pending, jobs, count, timed = self.pending_work_items, [], 0, False
         while pending:
             job = pending[0]
@@ -1223,10 +1224,10 @@ class _Engine:
             if not jobs:
                 first, per = key, self.durations.get(key)
                 n = 1 if per is None or alone else max(1, min(most, int(seconds / max(per, 1e-7))))
-                if n > 1:  # near the end: never past a worker's share of the queue (each free
-                    # worker gets some), half a share, yet no less than an eighth of a full message
+                if n > 1:  # near the end half a worker's share, yet no less than an eighth
+                    # of a full message (it costs more than it saves); never past a free one's share
                     queued = self._queued(2 * self.size * n)
-                    n = min(n, ceil(queued / self.size), max(n // 8, ceil(queued / (2 * self.size))))
+                    n = min(n, max(n // 8, ceil(queued / (2 * self.size))), ceil(queued / free))
             elif key != first or alone or not owner.claim():
                 break
             take = min(n - count, job.stop - job.start)
@@ -1552,11 +1553,11 @@ class _Processes:
         """Work to idle workers (starting ones too), then a message ahead to busy ones about to be done."""
         self._start_missing()
         pending = self.engine.pending_work_items
-        for w in self.workers:
+        idle = [w for w in self.workers if w.open and not w.messages]
+        for i, w in enumerate(idle):
             if not pending:
                 return
-            if w.open and not w.messages:
-                self._send(w, False)
+            self._send(w, False, len(idle) - i)
         if not pending or pending[0] is self.large_head:
             return
         self.large_head = None
@@ -1565,7 +1566,7 @@ class _Processes:
             if not pending:
                 return
             if w.open and w.ready and len(w.messages) == 1 and self._ends_soon(w.messages[0], now):
-                self._send(w, True)
+                self._send(w, True, 1)
 
     def _ends_soon(self, msg, now):
         """Will msg be done within _AHEAD_SECONDS, as measured, and is it on time? A task sent
@@ -1576,7 +1577,7 @@ class _Processes:
         expected = per * msg.owed
         return expected <= _AHEAD_SECONDS and now - msg.began <= 2 * expected + _BATCH_SECONDS
 
-    def _send(self, w, ahead):
+    def _send(self, w, ahead, free):
         engine = self.engine
         if w.globals_since != engine.arrivals:  # new work came: globals afresh (see _pickle)
             w.globals_sent, w.globals_since = {}, engine.arrivals
@@ -1584,7 +1585,7 @@ class _Processes:
         most = _MAX_BATCH if w.left is None else min(_MAX_BATCH, w.left)
         body = None
         while body is None:  # none of those could be pickled
-            msg = engine.take_batch(_BATCH_SECONDS, most)
+            msg = engine.take_batch(_BATCH_SECONDS, most, free)
             if msg is None:
                 return
             body = self._pickle_message(msg, sent)
@@ -2239,7 +2240,8 @@ class _ExecutorBackend:
             timed = pending[0].owner.timeout is not None
             if len(self.submitted) >= (self.size if timed else 2 * self.size):
                 return
-            msg = engine.take_batch(_REMOTE_BATCH_SECONDS, _REMOTE_MAX_BATCH, timed_alone=True)
+            free = max(1, self.size - len(self.submitted))
+            msg = engine.take_batch(_REMOTE_BATCH_SECONDS, _REMOTE_MAX_BATCH, free, timed_alone=True)
             if msg is None:
                 return
             states = list(self._probes(msg.head_task().func))
