@@ -1970,42 +1970,61 @@ class _Outbox:
 
     def run(self, runs, n, each):
         """Run a message's n tasks, journal each answer, send them all (and some on the way)."""
-        words, data, room = self.words.cast("Q"), self.data, len(self.data)
-        dumps, scalar, scalars = pickle.dumps, marshal.dumps, _SCALARS  # locals: this is the hot loop
+        words, data = self.words.cast("Q"), self.data
+        dumps, scalar, scalars = pickle.dumps, marshal.dumps, _SCALARS
+        put_int, put_float = _MARSHAL_I32.pack_into, _MARSHAL_F64.pack_into
+        # The journal's room, and the clock, are looked at every _LOOK tasks: a small int or a
+        # float takes 9 bytes at most, so after a look that left room for _LOOK of those, it goes
+        # in unchecked.
+        room, step = len(data) - 9 * _LOOK, 1 if each else _LOOK
         count = end = 0
+        look_at = step
         started = flushed = _now()
         for run in runs:
             first = self.number + count  # the answers before this run's
             for value in _outcomes(run):
-                try:  # a result that claims a scalar class (a mock, a proxy) may raise here too
-                    if value.__class__ in scalars:
-                        kind, blob = _SCALAR, scalar(value, 2)
-                    elif value.__class__ is _Raised:
-                        kind, blob = _FAILED, dumps(_describe(value.exc), -1)
-                    else:
-                        kind, blob = _DONE, dumps(value, -1)
-                except BaseException as exc:  # the error pickling raised is the task's
-                    task = _run_task(run, self.number + count - first)
-                    note = (f"The above was raised while pickling the result of {_short(task)}, "
-                            f"a {type(value).__name__}, to send it back: it can't be pickled.")
-                    kind, blob = _FAILED, dumps(_describe(exc, note), -1)
-                stop = end + len(blob)
-                if stop > room or count == _JOURNAL_ENTRIES:  # full: send what it holds first
-                    self.flush(count, end)
-                    count = end = 0
-                    stop = len(blob)
-                    if stop > room:  # too large for the journal: it goes on its own
-                        self.send_alone(kind, blob)
-                        continue
-                data[end:stop] = blob
-                words[count] = stop << 3 | kind  # written last: only now does the answer count
-                end = stop
+                cls = type(value)  # not __class__: a mock's or a proxy's may lie
+                if cls is int and -_I32 <= value < _I32:  # most of tiny tasks' results
+                    put_int(data, end, b"i", value)  # marshal's own bytes for it, in place
+                    end += 5
+                    words[count] = end << 3 | _SCALAR  # written last: only now does the answer count
+                elif cls is float:
+                    put_float(data, end, b"g", value)
+                    end += 9
+                    words[count] = end << 3 | _SCALAR
+                else:
+                    try:  # a class that can't be hashed raises here too
+                        if cls in scalars:
+                            kind, blob = _SCALAR, scalar(value, 2)
+                        elif cls is _Raised:
+                            kind, blob = _FAILED, dumps(_describe(value.exc), -1)
+                        else:
+                            kind, blob = _DONE, dumps(value, -1)
+                    except BaseException as exc:  # the error pickling raised is the task's
+                        task = _run_task(run, self.number + count - first)
+                        note = (f"The above was raised while pickling the result of {_short(task)}, "
+                                f"a {type(value).__name__}, to send it back: it can't be pickled.")
+                        kind, blob = _FAILED, dumps(_describe(exc, note), -1)
+                    if end + len(blob) > room:  # full: send what it holds first
+                        self.flush(count, end)
+                        count = end = 0
+                        if len(blob) > room:  # too large for the journal: it goes on its own
+                            self.send_alone(kind, blob)
+                            look_at = 1
+                            continue
+                    data[end:end + len(blob)] = blob
+                    end += len(blob)
+                    words[count] = end << 3 | kind
+                    look_at = count + 1
                 count += 1
-                # With a timeout the parent must see each task end: it times the next from there.
-                if each or (count & 7 == 0 and _now() - flushed > _FLUSH_SECONDS):
-                    self.flush(count, end)
-                    count = end = 0
-                    flushed = _now()
+                if count >= look_at:
+                    # With a timeout the parent must see each task end: it times the next from there.
+                    if each or end > room or count > _JOURNAL_ENTRIES - _LOOK or \
+                            _now() - flushed > _FLUSH_SECONDS:
+                        self.flush(count, end)
+                        count = end = 0
+                        flushed = _now()
+                    look_at = count + step
         self.flush(count, end, (_now() - started) / n)  # to size later batches
 
     def note_received(self):
@@ -2018,8 +2037,8 @@ class _Outbox:
         if count or spent >= 0:
             kinds = self.words[:8 * count:8].tobytes().translate(_KIND_OF_BYTE)
             if count and not kinds.strip(_SCALAR_KINDS):
-                self.link.write([_frame_head(_LISTED, count, _LIST_HEAD.size + end, spent),
-                                 _LIST_HEAD.pack(b"[", count), self.data[:end]])
+                self.link.write([_frame_head(_LISTED, count, _MARSHAL_I32.size + end, spent),
+                                 _MARSHAL_I32.pack(b"[", count), self.data[:end]])
             else:
                 form = _ENTRIES if kinds.strip(_DONE_KINDS) else _PICKLED
                 self.link.write([_frame_head(form, count, 8 * count + end, spent),
@@ -2113,7 +2132,7 @@ class _FdLink:
 #       _ENTRIES  count entry words (u64: end << 3 | kind, end counted from the first entry's
 #                 bytes), then the entries' bytes, back to back
 #       _PICKLED  the same, where every entry is a _DONE result: unpickled with no Python loop
-#       _LISTED   _LIST_HEAD, then the entries' bytes: all _SCALAR, so marshal reads them as a list
+#       _LISTED   _MARSHAL_I32, then the entries' bytes: all _SCALAR, so marshal reads them as a list
 #       _STARTED  nothing more: the worker began its message number `count` (sent only for a
 #                 message with a timeout, which counts from there)
 #   The kinds of entry: _DONE, a pickled result; _SCALAR, a marshalled one (version 2: no
@@ -2134,7 +2153,11 @@ _ANSWER_KINDS = (_DONE, _SCALAR, _FAILED)
 _SCALARS = frozenset({int, float, complex, bool, str, bytes, type(None)})
 _KIND_OF_BYTE = bytes(b & 7 for b in range(256))  # an entry's kind, from its word's low byte
 _SCALAR_KINDS, _DONE_KINDS = bytes([_SCALAR]), bytes([_DONE])  # an entry's kind, as a byte
-_LIST_HEAD = struct.Struct("<ci")  # how marshal starts a list: "[", then its length
+# marshal's bytes (version 2) for a list's head, "[" and its length, and for an int of 32 bits, "i"
+# and it; for a float, "g" and it
+_MARSHAL_I32, _MARSHAL_F64 = struct.Struct("<ci"), struct.Struct("<cd")
+_I32 = 1 << 31
+_LOOK = 8  # see _Outbox.run
 _JOURNAL_HEAD = struct.Struct("<QQ")
 _JOURNAL_ENTRIES = 4096
 _JOURNAL_DATA = _JOURNAL_HEAD.size + 8 * _JOURNAL_ENTRIES
