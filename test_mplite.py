@@ -16,6 +16,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import ctypes
+import enum
 import faulthandler
 import functools
 import gc
@@ -23,6 +24,7 @@ import importlib
 import importlib.util
 import inspect
 import itertools
+import math
 import multiprocessing
 import os
 import pickle
@@ -5258,6 +5260,41 @@ def test_tiny_tasks_results_keep_their_types_and_their_value_at_the_task_end(poo
         grown = pool.map(grow, range(200))
     for i, r in enumerate(grown):
         assert r[-1] == i, "the answer of task %d is not the list as it left it: %r" % (i, r[-5:])
+
+
+class Level(enum.IntEnum):
+    LOW = 1
+
+
+class Price(float):
+    pass
+
+
+def filler(i):
+    """A result for a journal of 1 MB: mostly small ints and floats, some large, one too large for it."""
+    if i == 1500:
+        return b"L" * (2 << 20)  # larger than the journal: it goes on its own
+    if i % 500 == 7:
+        return bytes([i % 256]) * (300 << 10)  # three of these fill it
+    return float(i) if i % 2 else i
+
+
+def test_tiny_tasks_results_keep_their_types_across_a_full_journal(pool):
+    # A worker writes small ints and floats into its journal in marshal's bytes, and checks the
+    # room left only every few tasks: ints and floats at the edges of that encoding, and answers
+    # that fill the journal (by bytes, and by count in messages of 4,096) keep their values and types.
+    edges = [2 ** 31 - 1, -2 ** 31, 2 ** 31, -2 ** 31 - 1, 2 ** 63, 0, -0.0, 1e308, 5e-324, float("-inf"),
+             float("nan"), Level.LOW, Price(2.5), True]
+    with _fault_deadline(120, "map"):
+        got = pool.map(same, edges * 300)
+        filled = pool.map(filler, range(3000))
+        counted = pool.map(same, list(range(-5000, 5000)))
+    for v, r in zip(edges * 300, got):
+        assert type(r) is type(v) and (r == v or math.isnan(v) and math.isnan(r)), (v, r)
+    assert str(got[6]) == "-0.0"
+    assert filled == [filler(i) for i in range(3000)]
+    assert [type(r) for r in filled[:4]] == [int, float, int, float]
+    assert counted == list(range(-5000, 5000))
 
 
 class ClaimsInt:
