@@ -1207,7 +1207,7 @@ class _Engine:
 
     # -- what runs in the turn, for the backend --------------------------------------------------
 
-    def take_batch(self, seconds, most, free=1, timed_alone=False):
+    def take_batch(self, seconds, most, free, timed_alone=False):
         """The next message (None: nothing waits): queued tasks of one function, as many as make
         `seconds` of work as measured (at most `most`; one while not measured), fewer near the
         queue's end, so the last tasks spread over the workers. free: the workers free now, this
