@@ -5546,6 +5546,33 @@ def test_execute_map_imap_results_in_order(uex):
     assert_executor_still_works(uex)
 
 
+def meet_where(folder, n=0, limit=10.0):
+    """Arrive in `folder` as this process and thread, then wait (up to `limit` s) until n have: which."""
+    me = "%d-%d" % (os.getpid(), threading.get_ident())
+    open(os.path.join(folder, me), "w").close()
+    deadline = time.monotonic() + limit
+    while len(os.listdir(folder)) < n and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return me
+
+
+def test_calls_of_a_tiny_function_spread_over_the_executors_free_slots(uex, tmp_path):
+    # As on mplite's own workers (test_sched_calls_of_a_tiny_function_spread_over_free_workers):
+    # meet_where measured as tiny, two of its calls that wait for each other go one to each of
+    # the executor's 2 slots; in one batch, the first gives up after 10 s and both report one place.
+    with TaskManager(executor=uex) as tm:
+        tiny_dir = str(tmp_path / "tiny")
+        os.mkdir(tiny_dir)
+        with _fault_deadline(120, "execute"):
+            assert len(tm.map(meet_where, [tiny_dir] * 2000)) == 2000
+            for round_ in range(3):
+                folder = str(tmp_path / ("meet-%d" % round_))
+                os.mkdir(folder)
+                places = tm.execute([Task(meet_where, folder, 2)] * 2, progress=False)
+                assert len(set(places)) == 2, "round %d: both calls ran at %s" % (round_, places)
+    assert_executor_still_works(uex)
+
+
 def test_tasks_run_on_the_users_executor(user_executors):
     ex = user_executors("stdlib-process")
     with TaskManager(executor=ex) as tm:
