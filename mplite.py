@@ -1211,7 +1211,8 @@ class _Engine:
         """The next message (None: nothing waits): queued tasks of one function, as many as make
         `seconds` of work as measured (at most `most`; one while not measured), fewer near the
         queue's end, so the last tasks spread over the workers. free: the workers free now, this
-        one included, each due an equal share of the queue. timed_alone: timed tasks go alone."""
+        one included, each due an equal share of the queue (a few tiny tasks go one to each, not
+        all to one). timed_alone: timed tasks go alone."""
         pending, jobs, count, timed = self.pending_work_items, [], 0, False
         while pending:
             job = pending[0]
@@ -1224,8 +1225,9 @@ class _Engine:
             if not jobs:
                 first, per = key, self.durations.get(key)
                 n = 1 if per is None or alone else max(1, min(most, int(seconds / max(per, 1e-7))))
-                if n > 1:  # near the end half a worker's share, yet no less than an eighth
-                    # of a full message (it costs more than it saves); never past a free one's share
+                if n > 1:  # near the queue's end, half a worker's share but no less than an
+                    # eighth of a full message (it costs more than it saves); and never more than an
+                    # equal share among the workers free now: none stays idle while tasks wait
                     queued = self._queued(2 * self.size * n)
                     n = min(n, max(n // 8, ceil(queued / (2 * self.size))), ceil(queued / free))
             elif key != first or alone or not owner.claim():
@@ -1975,7 +1977,7 @@ class _Outbox:
         put_int, put_float = _MARSHAL_I32.pack_into, _MARSHAL_F64.pack_into
         # The journal's room, and the clock, are looked at every _LOOK tasks: a small int or a
         # float takes 9 bytes at most, so after a look that left room for _LOOK of those, it goes
-        # in unchecked.
+        # in unchecked (an answer of another kind checks the room for itself).
         room, step = len(data) - 9 * _LOOK, 1 if each else _LOOK
         count = end = 0
         look_at = step
@@ -2008,14 +2010,13 @@ class _Outbox:
                     if end + len(blob) > room:  # full: send what it holds first
                         self.flush(count, end)
                         count = end = 0
+                        look_at = step
                         if len(blob) > room:  # too large for the journal: it goes on its own
                             self.send_alone(kind, blob)
-                            look_at = 1
                             continue
                     data[end:end + len(blob)] = blob
                     end += len(blob)
                     words[count] = end << 3 | kind
-                    look_at = count + 1
                 count += 1
                 if count >= look_at:
                     # With a timeout the parent must see each task end: it times the next from there.

@@ -1355,7 +1355,7 @@ def targets(opts, res, chosen, method):
                 "%.0f MB)" % (format(big, ","), a[0], b[0]), a[0] / b[0], lambda r: r <= 1.3)
         a = res.kept("mplite", w, method, "W1", big)
         b = res.kept("Pool.starmap", w, method, "W1", big)
-        if a and b:  # what issue 18 asks: the pool's own, beyond the Tasks or tuples built
+        if a is not None and b:  # what issue 18 asks: the pool's own, beyond the Tasks or tuples built
             row("W1 %s: what execute keeps beyond the Tasks \u2264 1.3\u00d7 what Pool.starmap keeps "
                 "beyond its tuples (%.0f vs %.0f MB)" % (format(big, ","), a, b), a / b, lambda r: r <= 1.3)
     if "W7" in opts.workloads:
