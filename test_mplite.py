@@ -7814,15 +7814,6 @@ def sched_gated_second(gate, value):
     return sched_stamp(value)
 
 
-def sched_meet(folder, n=0, limit=10.0):
-    """Arrive in `folder`, then wait (up to `limit` s) until n processes have: this pid."""
-    open(os.path.join(folder, str(os.getpid())), "w").close()
-    deadline = time.monotonic() + limit
-    while len(os.listdir(folder)) < n and time.monotonic() < deadline:
-        time.sleep(0.005)
-    return os.getpid()
-
-
 def sched_tag(tid, i):
     return tid, i, os.getpid()
 
@@ -8079,18 +8070,18 @@ def test_sched_a_chain_step_is_never_batched(method, tmp_path):
 
 
 def test_sched_calls_of_a_tiny_function_spread_over_free_workers(method, tmp_path):
-    # sched_meet is measured as tiny (2,000 calls), then two calls on 2 idle workers wait for
+    # meet_where is measured as tiny (2,000 calls), then two calls on 2 idle workers wait for
     # each other: each worker must get one. Sent in one message (a batch of a tiny function),
-    # they run one after the other and the first gives up after 10 s: one pid, not two.
+    # they run one after the other and the first gives up after 10 s: one place, not two.
     with TaskManager(2, context=method) as tm:
         for round_ in range(3):  # measured as tiny again each round: a meeting takes its time
             tiny = str(tmp_path / ("tiny-%d" % round_))
             os.mkdir(tiny)
-            assert len(tm.map(sched_meet, [tiny] * 2000)) == 2000
+            assert len(tm.map(meet_where, [tiny] * 2000)) == 2000
             folder = tmp_path / ("meet-%d" % round_)
             folder.mkdir()
-            pids = bounded(lambda: tm.execute([Task(sched_meet, str(folder), 2)] * 2, progress=False), 60)
-            assert len(set(pids)) == 2, "round %d: both calls ran on pid %s" % (round_, pids)
+            places = bounded(lambda: tm.execute([Task(meet_where, str(folder), 2)] * 2, progress=False), 60)
+            assert len(set(places)) == 2, "round %d: both calls ran at %s" % (round_, places)
 
 
 def sched_story(stamps, t0):
