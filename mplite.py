@@ -1341,11 +1341,12 @@ class _Engine:
         self.soonest = soonest
         return None if soonest is None else max(0.0, soonest - now)
 
-    def _forget(self, *owners):
-        """Owners that want no more: their queued jobs go, results of the others are ignored."""
-        for owner in owners:
-            owner.cancelled = True
-            self.backend.forget(owner)
+    def _forget(self, *calls):
+        """Calls (execute(), map(), a stream's chunks: the owners that can be cancelled) that want no
+        more: their queued jobs go, results of the others are ignored."""
+        for call in calls:
+            call.cancelled = True
+            self.backend.forget(call)
         self._keep_pending(lambda job: not job.owner.cancelled)
 
     def _keep_pending(self, keep):
@@ -1989,11 +1990,11 @@ class _Outbox:
                 if cls is int and -_I32 <= value < _I32:  # most of tiny tasks' results
                     put_int(data, end, b"i", value)  # marshal's own bytes for it, in place
                     end += 5
-                    words[count] = end << 3 | _SCALAR  # written last: only now does the answer count
+                    kind = _SCALAR
                 elif cls is float:
                     put_float(data, end, b"g", value)
                     end += 9
-                    words[count] = end << 3 | _SCALAR
+                    kind = _SCALAR
                 else:
                     try:  # a class that can't be hashed raises here too
                         if cls in scalars:
@@ -2016,7 +2017,7 @@ class _Outbox:
                             continue
                     data[end:end + len(blob)] = blob
                     end += len(blob)
-                    words[count] = end << 3 | kind
+                words[count] = end << 3 | kind  # written last: only now does the answer count
                 count += 1
                 if count >= look_at:
                     # With a timeout the parent must see each task end: it times the next from there.

@@ -5301,7 +5301,8 @@ def test_tiny_tasks_results_keep_their_types_across_a_full_journal(pool):
 
 
 class ClaimsInt:
-    """Says it is an int, as a mock or a proxy may: marshal refuses it."""
+    """Says it is an int, as a mock or a proxy may: taken at its word, marshal would refuse it;
+    pickle, which builds it by its real class, does."""
     @property
     def __class__(self):
         return int
@@ -5324,8 +5325,9 @@ def odd_result_at(i, at, kind):
 
 @pytest.mark.parametrize("kind", ["claims-int", "unhashable-class"])
 def test_tiny_tasks_an_odd_result_fails_its_task_not_its_worker(pool, kind):
-    # A result the worker can't even classify (its class lies, or can't be hashed) is its task's
-    # error, like a result that can't be pickled: the worker goes on, and no other task fails.
+    # A result whose class lies, or whose class can't be hashed (the worker's type test raises),
+    # is its task's error, like a result that can't be pickled: the worker goes on, and no other
+    # task fails.
     with _fault_deadline(90, "map"):
         res = pool.map(functools.partial(odd_result_at, at=500, kind=kind), range(2000))
     assert isinstance(res[500], str) and "odd_result_at" in res[500] and "ChildProcessError" not in res[500], res[500]
