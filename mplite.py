@@ -515,6 +515,7 @@ class _Owner:
     plain = False      # results go straight in: deliver_results()
     cancelled = False  # it wants no more results
     key = None         # the timing key of all its tasks, if one
+    streaming = False  # a stream's chunk whose input goes on: the queue's end is not the work's
 
     def task(self, slot):
         """The Task that runs next for a slot (errors name it)."""
@@ -611,11 +612,12 @@ class _Call(_Owner):
 
 class _Mapped(_Call):
     """One map() call, or a chunk of a streamed one: f(x) (star: f(*x)) for each x, no Task each."""
-    __slots__ = ("star",)
+    __slots__ = ("star", "streaming")
 
-    def __init__(self, items, timeout, errors, f, star=False):
+    def __init__(self, items, timeout, errors, f, star=False, streaming=False):
         super().__init__(items, None, timeout, errors, f)
         self.star = star
+        self.streaming = streaming
 
     def task(self, slot):
         return _run_task(self.run(slot, slot + 1), 0)
@@ -643,9 +645,12 @@ class _Stream:
         """Send chunks of the input until the window is full (ring: see _Engine.put)."""
         window = self.window(self.taken)
         while self.error is None and self.inputs is not None and self.ahead < window:
-            # Chunks double from one task up to _STREAM_CHUNK: the first results come soon, and
-            # a consumer that stops early leaves little run for nothing.
-            size = min(max(1, window // 4), _STREAM_CHUNK, window - self.ahead, max(1, self.taken + self.ahead))
+            # Chunks double from one task up to a quarter of the window (_STREAM_CHUNK at most): the
+            # first results come soon, and a consumer that stops early leaves little run for nothing.
+            # Only whole chunks: a gap filled as it opens would shrink them, a taken chunk at a time.
+            size = min(max(1, window // 4), _STREAM_CHUNK, max(1, self.taken + self.ahead))
+            if window - self.ahead < size:
+                break
             chunk = []
             try:
                 chunk.extend(itertools.islice(self.inputs, size))
@@ -655,7 +660,7 @@ class _Stream:
                 self.inputs = None
                 break
             self.may_send()
-            call = _Mapped(chunk, self.timeout, _KEEP, self.f, self.star)
+            call = _Mapped(chunk, self.timeout, _KEEP, self.f, self.star, len(chunk) == size)
             self.engine.put(_Job(call, 0, len(chunk)), ring)
             self.calls.append(call)
             self.ahead += len(chunk)
@@ -1229,7 +1234,9 @@ class _Engine:
                     # eighth of a full message (it costs more than it saves); and never more than an
                     # equal share among the workers free now: none stays idle while tasks wait
                     queued = self._queued(2 * self.size * n)
-                    n = min(n, max(n // 8, ceil(queued / (2 * self.size))), ceil(queued / free))
+                    if not pending[-1].owner.streaming:
+                        n = min(n, max(n // 8, ceil(queued / (2 * self.size))))
+                    n = min(n, ceil(queued / free))
             elif key != first or alone or not owner.claim():
                 break
             take = min(n - count, job.stop - job.start)
