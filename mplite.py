@@ -1680,6 +1680,8 @@ class _Processes:
             return
         if form == _LISTED:
             self.engine.deliver(w.messages[0], marshal.loads(memoryview(frame)[_HEADER.size:]))
+        elif form == _WORDS:
+            self.engine.deliver(w.messages[0], struct.unpack_from(f"<{count}q", frame, _HEADER.size))
         else:
             words, blobs = _entries(frame, _HEADER.size, count, _HEADER.size + 8 * count)
             values = None
@@ -1695,10 +1697,11 @@ class _Processes:
         self._progress(w, spent, now)
 
     def _take_one(self, w, kind, blob):
+        """An entry of a frame or of a dead worker's journal: its bytes (an _INT's: the int)."""
         if kind in _ANSWER_KINDS:
             msg = w.messages[0]
             try:
-                value = marshal.loads(blob) if kind == _SCALAR else pickle.loads(blob)
+                value = blob if kind == _INT else marshal.loads(blob) if kind == _SCALAR else pickle.loads(blob)
             except _TASK_ERRORS as exc:  # an error of that task
                 error = TypeError(f"the result of {_short(msg.head_task())} can't be unpickled here: {exc}")
                 value, kind = _describe(error), _FAILED
@@ -1755,8 +1758,8 @@ class _Processes:
                 for frame in w.link.read():
                     self._take(w, frame, _now())
         w.process.join()
-        for word, blob in _unsent_answers(w.journal, w.received):
-            self._take_one(w, word & 7, blob)
+        for kind, blob in _unsent_answers(w.journal, w.received):
+            self._take_one(w, kind, blob)
             self._progress(w, -1.0, _now())
         w.gone = True
         msg = w.messages[0] if w.messages else None
@@ -1982,20 +1985,23 @@ class _Outbox:
         self.messages = 0  # read from the parent
         self.head = mem[:_JOURNAL_HEAD.size]
         self.words = mem[_JOURNAL_HEAD.size:_JOURNAL_DATA]
+        self.words[:] = _UNWRITTEN_WORDS
+        self.ints = False  # its words are int answers (see the wire)
         self.data = mem[_JOURNAL_DATA:]
 
     def run(self, runs, n, each):
         """Run a message's n tasks, journal each answer, send them all (and some on the way)."""
-        words, data = self.words.cast("Q"), self.data
-        dumps, scalar, scalars = pickle.dumps, marshal.dumps, _SCALARS
-        put_int, put_float = _MARSHAL_I32.pack_into, _MARSHAL_F64.pack_into
-        low, high, scalar_kind = -_I32, _I32, _SCALAR  # local names: read 2 million times a second
-        # The journal's room, and the clock, are looked at every _LOOK tasks: a small int or a
-        # float takes 9 bytes at most, so after a look that left room for _LOOK of those, it goes
-        # in unchecked (an answer of another kind checks the room for itself).
+        words, data = self.words.cast("q"), self.data
+        dumps, scalar, scalars, put_float = pickle.dumps, marshal.dumps, _SCALARS, _MARSHAL_F64.pack_into
+        low, high = _UNWRITTEN, 1 << 63  # local names: read millions of times a second
+        # The journal's room, and the clock, are looked at every _LOOK tasks: a float takes 9
+        # bytes, so after a look that left room for _LOOK of those, it goes in unchecked (an
+        # answer of another kind checks the room for itself).
         room, step = len(data) - 9 * _LOOK, 1 if each else _LOOK
         count = end = 0
         look_at = step
+        in_words = True  # the answers so far are ints held in their words
+        self._mark(ints=True)
         started = flushed = _now()
         for run in runs:
             first = self.number + count  # the answers before this run's
@@ -2006,37 +2012,43 @@ class _Outbox:
                 except BaseException as exc:
                     value = _Raised(exc)
                 cls = type(value)  # not __class__: a mock's or a proxy's may lie
-                if cls is int and low <= value < high:  # most of tiny tasks' results
-                    put_int(data, end, b"i", value)  # marshal's own bytes for it, in place
-                    end += 5
-                    kind = scalar_kind
-                elif cls is float:
-                    put_float(data, end, b"g", value)
-                    end += 9
-                    kind = scalar_kind
+                if cls is int and in_words and low < value < high:  # most of tiny tasks' results
+                    word = value  # the answer is its word: no bytes to write
                 else:
-                    try:  # a class that can't be hashed raises here too
-                        if cls in scalars:
-                            kind, blob = _SCALAR, scalar(value, 2)
-                        elif cls is _Raised:
-                            kind, blob = _FAILED, dumps(_describe(value.exc), -1)
-                        else:
-                            kind, blob = _DONE, dumps(value, -1)
-                    except BaseException as exc:  # the error pickling raised is the task's
-                        task = _run_task(run, self.number + count - first)
-                        note = (f"The above was raised while pickling the result of {_short(task)}, "
-                                f"a {type(value).__name__}, to send it back: it can't be pickled.")
-                        kind, blob = _FAILED, dumps(_describe(exc, note), -1)
-                    if end + len(blob) > room:  # full: send what it holds first
-                        self.flush(count, end)
-                        count = end = 0
-                        look_at = step
-                        if len(blob) > room:  # too large for the journal: it goes on its own
-                            self.send_alone(kind, blob)
-                            continue
-                    data[end:end + len(blob)] = blob
-                    end += len(blob)
-                words[count] = end << 3 | kind  # written last: only now does the answer count
+                    if in_words:  # answers with bytes from here on: the ints go first, so that a
+                        in_words = False  # journal (and a frame) holds one kind or the other
+                        if count:
+                            self.flush(count, end)
+                            count, look_at = 0, step
+                        self._mark(ints=False)
+                    if cls is float:
+                        put_float(data, end, b"g", value)  # marshal's own bytes for it, in place
+                        end += 9
+                        kind = _SCALAR
+                    else:
+                        try:  # a class that can't be hashed raises here too
+                            if cls in scalars:
+                                kind, blob = _SCALAR, scalar(value, 2)
+                            elif cls is _Raised:
+                                kind, blob = _FAILED, dumps(_describe(value.exc), -1)
+                            else:
+                                kind, blob = _DONE, dumps(value, -1)
+                        except BaseException as exc:  # the error pickling raised is the task's
+                            task = _run_task(run, self.number + count - first)
+                            note = (f"The above was raised while pickling the result of {_short(task)}, "
+                                    f"a {type(value).__name__}, to send it back: it can't be pickled.")
+                            kind, blob = _FAILED, dumps(_describe(exc, note), -1)
+                        if end + len(blob) > room:  # full: send what it holds first
+                            self.flush(count, end)
+                            count = end = 0
+                            look_at = step
+                            if len(blob) > room:  # too large for the journal: it goes on its own
+                                self.send_alone(kind, blob)
+                                continue
+                        data[end:end + len(blob)] = blob
+                        end += len(blob)
+                    word = end << 3 | kind
+                words[count] = word  # written last: only now does the answer count
                 count += 1
                 if count >= look_at:
                     # With a timeout the parent must see each task end: it times the next from there.
@@ -2051,20 +2063,20 @@ class _Outbox:
     def note_received(self):
         """Tell the parent, should this process die, that the tasks of the message just read began."""
         self.messages += 1
-        _JOURNAL_HEAD.pack_into(self.head, 0, self.number, self.messages)
+        self._mark()
 
     def flush(self, count, end, spent=-1.0):
-        """Send the journal's answers: where all are _SCALAR, as one marshalled list."""
+        """Send the journal's answers, in the form the parent reads fastest (see the wire)."""
         if count or spent >= 0:
-            kinds = self.words[:8 * count:8].tobytes().translate(_KIND_OF_BYTE)
-            if count and not kinds.strip(_SCALAR_KINDS):
-                self.link.write([_frame_head(_LISTED, count, _MARSHAL_I32.size + end, spent),
-                                 _MARSHAL_I32.pack(b"[", count), self.data[:end]])
+            kinds = b"" if self.ints else self.words[:8 * count:8].tobytes().translate(_KIND_OF_BYTE)
+            if count and kinds and not kinds.strip(_SCALAR_KINDS):
+                self.link.write([_frame_head(_LISTED, count, _MARSHAL_LIST.size + end, spent),
+                                 _MARSHAL_LIST.pack(b"[", count), self.data[:end]])
             else:
-                form = _ENTRIES if kinds.strip(_DONE_KINDS) else _PICKLED
+                form = _WORDS if self.ints else _ENTRIES if kinds.strip(_DONE_KINDS) else _PICKLED
                 self.link.write([_frame_head(form, count, 8 * count + end, spent),
                                  self.words[:8 * count], self.data[:end]])
-            self.words[:8 * count] = bytes(8 * count)  # empty the journal first, then renumber it
+            self.words[:8 * count] = _UNWRITTEN_WORDS[:8 * count]  # empty the journal, then renumber it
             self._sent(count)
 
     def send_alone(self, kind, blob):
@@ -2075,7 +2087,12 @@ class _Outbox:
 
     def _sent(self, count):
         self.number += count
-        _JOURNAL_HEAD.pack_into(self.head, 0, self.number, self.messages)
+        self._mark()
+
+    def _mark(self, ints=None):
+        """Write the journal's head (see the wire); ints: what its words are from now on."""
+        self.ints = self.ints if ints is None else ints
+        _JOURNAL_HEAD.pack_into(self.head, 0, self.number, self.messages, self.ints)
 
 
 def _exit_when_closed(lifeline):
@@ -2150,37 +2167,39 @@ class _FdLink:
 #       worker to exit.
 #   worker -> parent: answers. _HEADER: count (u32), form (u8), spent (f64: seconds per task of
 #       the message the frame ends, else -1); then by form:
-#       _ENTRIES  count entry words (u64: end << 3 | kind, end counted from the first entry's
+#       _ENTRIES  count entry words (i64: end << 3 | kind, end counted from the first entry's
 #                 bytes), then the entries' bytes, back to back
 #       _PICKLED  the same, where every entry is a _DONE result: unpickled with no Python loop
-#       _LISTED   _MARSHAL_I32, then the entries' bytes: all _SCALAR, so marshal reads them as a list
+#       _LISTED   _MARSHAL_LIST, then the entries' bytes: all _SCALAR, so marshal reads them as a list
+#       _WORDS    count words (i64), each an int answer (_INT)
 #       _STARTED  nothing more: the worker began its message number `count` (sent only for a
 #                 message with a timeout, which counts from there)
 #   The kinds of entry: _DONE, a pickled result; _SCALAR, a marshalled one (version 2: no
 #   references; half the cost, for _SCALARS); _FAILED, the pickled (text, exception, frames) of
 #   _describe; _READY; _INIT_FAILED, the pickled text of the error; _UNREADABLE, the message
-#   could not be unpickled.
+#   could not be unpickled; and _INT, an int result held in its word, which has no kind bits:
+#   a message's answers are words of ints (one store a task) until one of another kind comes.
 # A worker's journal, in shared memory: _JOURNAL_HEAD (the number of its first entry, the
-# messages the worker has read), room for _JOURNAL_ENTRIES entry words (0: not written yet),
-# then the entries' bytes. The same words and bytes as an _ENTRIES frame: a dead worker's
-# unsent answers are read by _entries as a frame's are.
+# messages the worker has read, 1 if its words are ints), room for _JOURNAL_ENTRIES words
+# (_UNWRITTEN: not written yet), then the entries' bytes. The same words and bytes as a
+# frame's (_WORDS, or _ENTRIES): a dead worker's unsent answers are read as a frame's are.
 
 _LENGTH = struct.Struct("<Q")
 _HEADER = struct.Struct("<IBd")
-_ENTRIES, _PICKLED, _LISTED, _STARTED = range(4)
-_DONE, _FAILED, _READY, _INIT_FAILED, _UNREADABLE, _SCALAR = range(6)
-_ANSWER_KINDS = (_DONE, _SCALAR, _FAILED)
+_ENTRIES, _PICKLED, _LISTED, _WORDS, _STARTED = range(5)
+_DONE, _FAILED, _READY, _INIT_FAILED, _UNREADABLE, _SCALAR, _INT = range(7)
+_ANSWER_KINDS = (_DONE, _SCALAR, _FAILED, _INT)
 # The exact types marshal keeps as they are: a _SCALAR answer is marshalled as its task ends.
 _SCALARS = frozenset({int, float, complex, bool, str, bytes, type(None)})
 _KIND_OF_BYTE = bytes(b & 7 for b in range(256))  # an entry's kind, from its word's low byte
 _SCALAR_KINDS, _DONE_KINDS = bytes([_SCALAR]), bytes([_DONE])  # an entry's kind, as a byte
-# marshal's bytes (version 2) for a list's head, "[" and its length, and for an int of 32 bits, "i"
-# and it; for a float, "g" and it
-_MARSHAL_I32, _MARSHAL_F64 = struct.Struct("<ci"), struct.Struct("<cd")
-_I32 = 1 << 31
+# marshal's bytes (version 2) for a list's head, "[" and its length; for a float, "g" and it
+_MARSHAL_LIST, _MARSHAL_F64 = struct.Struct("<ci"), struct.Struct("<cd")
 _LOOK = 8  # see _Outbox.run
-_JOURNAL_HEAD = struct.Struct("<QQ")
+_JOURNAL_HEAD = struct.Struct("<QQQ")
 _JOURNAL_ENTRIES = 4096
+_UNWRITTEN = -1 << 63  # a word no answer has: no int answer is this small
+_UNWRITTEN_WORDS = memoryview(struct.pack("<q", _UNWRITTEN) * _JOURNAL_ENTRIES)
 _JOURNAL_DATA = _JOURNAL_HEAD.size + 8 * _JOURNAL_ENTRIES
 _JOURNAL_SIZE = _JOURNAL_DATA + (1 << 20)
 _FLUSH_SECONDS = 0.02  # a long message's answers are sent this often
@@ -2200,12 +2219,19 @@ def _entries(buf, words_at, count, data_at):
 
 
 def _unsent_answers(journal, received):
-    """(word, blob) of each answer in a dead worker's journal that its pipe did not deliver."""
+    """(kind, bytes) of each answer in a dead worker's journal that its pipe did not deliver (an
+    _INT: the int itself)."""
     mem = memoryview(journal.buffer)
-    words = mem[_JOURNAL_HEAD.size:_JOURNAL_DATA].cast("Q").tolist()
-    count = words.index(0) if 0 in words else len(words)
-    skip = max(0, received - _JOURNAL_HEAD.unpack_from(mem)[0])
-    return list(zip(*_entries(mem, _JOURNAL_HEAD.size, count, _JOURNAL_DATA)))[skip:]
+    first, messages, ints = _JOURNAL_HEAD.unpack_from(mem)
+    if not messages:  # it has read no message: no answers, and maybe no words set yet
+        return []
+    words = mem[_JOURNAL_HEAD.size:_JOURNAL_DATA].cast("q").tolist()
+    count = words.index(_UNWRITTEN) if _UNWRITTEN in words else len(words)
+    skip = max(0, received - first)
+    if ints:
+        return [(_INT, value) for value in words[skip:count]]
+    words, blobs = _entries(mem, _JOURNAL_HEAD.size, count, _JOURNAL_DATA)
+    return [(word & 7, blob) for word, blob in zip(words, blobs)][skip:]
 
 
 # ---------------------------------------------------------------------------------------------

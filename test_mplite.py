@@ -5122,6 +5122,35 @@ def test_tiny_tasks_one_worker_killed(fault_method, tmp_path):
             assert tm.execute([Task(adder, i, 1) for i in range(100)], progress=False) == list(range(1, 101))
 
 
+EXTREME_INTS = (-2 ** 63 + 1, 2 ** 63 - 1, 0, -1)
+
+
+def extreme_int(i, smallest_at):
+    """Ints at the edges of what a journal's word holds; at smallest_at, the smallest int64, which
+    no word holds (the worker's answers then take bytes, in the same journal)."""
+    return -2 ** 63 if i == smallest_at else EXTREME_INTS[i % 4]
+
+
+def logged_extreme(i, log, die_at, smallest_at):
+    logged(i, log, die_at)
+    return extreme_int(i, smallest_at)
+
+
+@pytest.mark.parametrize("smallest_at", [-1, 1995])
+def test_tiny_tasks_a_dead_workers_journal_of_ints_is_read_whole(tmp_path, smallest_at):
+    # A killed worker's answers that it journaled and did not send yet are read from its journal:
+    # where they are ints, each is a word of it, whatever its value (0 and the extremes included).
+    log = str(tmp_path / "log.txt")
+    f = functools.partial(logged_extreme, log=log, die_at=2000, smallest_at=smallest_at)
+    with TaskManager(1, context=FAST_METHOD) as tm:
+        with _fault_deadline(90, "map"):
+            res = tm.map(f, range(3000))
+    assert _fault_check_error_str(res[2000], KILLED), res[2000]
+    expected = [extreme_int(i, smallest_at) for i in range(3000)]
+    assert [r for i, r in enumerate(res) if i != 2000] == expected[:2000] + expected[2001:]
+    assert runs(log) == Counter(range(3000))
+
+
 def test_tiny_tasks_one_worker_killed_imap(tmp_path):
     log = str(tmp_path / "log.txt")
     with TaskManager(2, context=FAST_METHOD) as tm:
@@ -5282,19 +5311,23 @@ def filler(i):
 
 
 def test_tiny_tasks_results_keep_their_types_across_a_full_journal(pool):
-    # A worker writes small ints and floats into its journal in marshal's bytes, and checks the
-    # room left only every few tasks: ints and floats at the edges of that encoding, and answers
-    # that fill the journal (by bytes, and by count: 50,000 items go in messages of 4,096) keep
-    # their values and types.
-    edges = [2 ** 31 - 1, -2 ** 31, 2 ** 31, -2 ** 31 - 1, 2 ** 63, 0, -0.0, 1e308, 5e-324, float("-inf"),
-             float("nan"), Level.LOW, Price(2.5), True]
+    # A worker writes ints into its journal's words as they are (while a message's answers are
+    # all ints), floats in marshal's bytes, and checks the room left only every few tasks: ints
+    # and floats at the edges of those encodings, answers of one encoding after the other's, and
+    # answers that fill the journal (by bytes, and by count: 50,000 items go in messages of
+    # 4,096) keep their values and types.
+    ints = [2 ** 63 - 1, -2 ** 63 + 1, 0, -1, 2 ** 31, -2 ** 31 - 1]
+    edges = ints + [2 ** 63, -2 ** 63, 0, -0.0, 1e308, 5e-324, float("-inf"), float("nan"), Level.LOW,
+                    Price(2.5), True, 2 ** 31 - 1, -2 ** 31]
     with _fault_deadline(120, "map"):
         got = pool.map(same, edges * 300)
         filled = pool.map(filler, range(3000))
         counted = pool.map(same, list(range(-25000, 25000)))
+        only_ints = pool.map(same, ints * 1000)
     for v, r in zip(edges * 300, got):
         assert type(r) is type(v) and (r == v or math.isnan(v) and math.isnan(r)), (v, r)
-    assert str(got[6]) == "-0.0"
+    assert str(got[len(ints) + 3]) == "-0.0"
+    assert only_ints == ints * 1000 and {type(r) for r in only_ints} == {int}
     assert filled == [filler(i) for i in range(3000)]
     assert [type(r) for r in filled[:4]] == [int, float, int, float]
     assert counted == list(range(-25000, 25000))
