@@ -348,8 +348,7 @@ class TaskManager:
         return engine
 
     def _wait(self, engine, event, timeout=None):
-        """Wait through the engine for a threading.Event, or (None) for the inbox's next task.
-        Ctrl-C stops the pool at once: no process is left."""
+        """Wait via the engine for an Event, or (None) for the inbox's next task. Ctrl-C stops the pool at once."""
         try:
             if event is None:
                 return engine.inbox.get(engine, timeout)
@@ -2944,9 +2943,8 @@ def _progress_bar(total, tqdm, pbar, progress):
 
 
 class _ProgressBar:
-    """A text bar on stderr in tqdm's look: ` 45%|████▌     | 45/100 [00:02<00:03, 17.30tasks/s]`. On a
-    terminal it redraws one line in place, at most 10 times a second; elsewhere (a CI log, a file) it
-    writes whole lines: at the start, then at growing intervals, and at the end."""
+    """A text bar on stderr in tqdm's look: ` 45%|████▌     | 45/100 [00:02<00:03, 17.30tasks/s]`. On a terminal it
+    redraws one line, at most 10 times a second; in a log, whole lines: first, at growing intervals, last."""
 
     def __init__(self, total):
         self.file = sys.stderr
