@@ -381,7 +381,7 @@ class ProcessPoolExecutor(futures.Executor):
         self._shutdown_lock = threading.Lock()
         self._shut = threading.Event()  # shutdown() was called; what map() streams check, not self
         self._engine.start()  # the workers start in the background; submit() may come at once
-        # Dropped without shutdown(): finish the work, then stop (what the engine holds never refers back to it).
+        # Dropped without shutdown(): finish, then stop. Nothing the engine or a map() holds refers back here.
         weakref.finalize(self, self._engine.close, 1.0, True, False)
 
     @property
@@ -2225,7 +2225,7 @@ def _import_probe(name):
 
 
 class _ExecutorBackend:
-    """The engine's backend on a foreign executor. size: submissions that may run at once (twice that in flight)."""
+    """The backend on a foreign executor. size: submissions run at once (twice that in flight, so none waits)."""
     forked_main = None
     timeout_note = "it may still be running on the executor, which can't stop it"
 
