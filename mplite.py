@@ -2689,12 +2689,10 @@ class _WaitSelector(dict):
     def register(self, obj, events, data):
         self[obj] = selectors.SelectorKey(obj, None, events, data)
 
-    def unregister(self, obj):
-        del self[obj]
-
     def select(self, timeout=None):
         return [(self[obj], selectors.EVENT_READ) for obj in wait(list(self), timeout)]
 
+    unregister = dict.__delitem__
     close = dict.clear
 
 
