@@ -151,8 +151,7 @@ class TaskManager:
     cpu_count: number of workers (default: the CPUs this process may use).
     context: "spawn" (the default, also for None), "fork", "forkserver" or a multiprocessing context.
     worker_init: a Task run once in every worker before it takes work.
-    error_mode: "str" (a failed task's result is its traceback's text) or "exception" (it is raised
-        in the caller, with the worker's traceback).
+    error_mode: "str" (a failed task's result is its traceback's text) or "exception" (raised, traceback and all).
     timeout: seconds a task may run; past them its worker is replaced and its result is a TimeoutError.
     max_tasks_per_child: replace each worker after this many tasks (for leaky code).
     executor: a concurrent.futures.Executor to run the tasks on instead (README: "Past one machine"); stop()
@@ -248,8 +247,7 @@ class TaskManager:
         tasks not yet taken. An error raised by the input is raised after the results of the items before it."""
         engine = self._running(f)
         engine.refuse_inside_turn()
-        # What is read ahead starts at a few tasks per worker and grows with the results taken, up to a
-        # limit: it stays bounded, and small for a consumer that takes few results.
+        # Read ahead: a few tasks per worker, more as results are taken, up to a bound.
         limit, least = 4096 * self._cpu_count, 4 * self._cpu_count  # the README's promise
         stream = _Stream(engine, f, False, iter(iterable), self._options(timeout)[0],
                          lambda taken: min(limit, max(least, taken)))
@@ -339,8 +337,7 @@ class TaskManager:
         return 0 if engine is None else engine.inbox.open
 
     def _running(self, f=None):
-        """The running engine; f: a function to map, refused here if it can't travel to the workers (Task(f)
-        checks that it is callable)."""
+        """The running engine; f: a function to map, refused here if it can't travel to the workers."""
         engine = self._engine
         if engine is None:
             raise RuntimeError("the TaskManager is not running: use `with TaskManager() as tm:` or call start()")
@@ -351,8 +348,7 @@ class TaskManager:
         return engine
 
     def _wait(self, engine, event, timeout=None):
-        """Wait through the engine for a threading.Event, or (None) for the inbox's next task.
-        Ctrl-C stops the pool at once: no process is left."""
+        """Wait via the engine for an Event, or (None) for the inbox's next task. Ctrl-C stops the pool at once."""
         try:
             if event is None:
                 return engine.inbox.get(engine, timeout)
@@ -385,8 +381,7 @@ class ProcessPoolExecutor(futures.Executor):
         self._shutdown_lock = threading.Lock()
         self._shut = threading.Event()  # shutdown() was called; what map() streams check, not self
         self._engine.start()  # the workers start in the background; submit() may come at once
-        # Dropped without shutdown(): finish the work, then stop. Nothing the engine or a map()
-        # iterator holds refers back to the executor, so it can be collected while they go on.
+        # Dropped without shutdown(): finish, then stop. Nothing the engine or a map() holds refers back here.
         weakref.finalize(self, self._engine.close, 1.0, True, False)
 
     @property
@@ -421,8 +416,7 @@ class ProcessPoolExecutor(futures.Executor):
         engine = self._engine
         _refuse_after(self._shut)
         _check_functions([_mappable(fn)], engine.backend.forked_main)
-        # Calls travel in chunks (of _Mapped), not a Future each. With no buffersize, all of
-        # them are sent now, as the standard library's map() does; with one, that many.
+        # Calls travel in chunks (_Mapped), not a Future each: all at once, as the standard library's, or buffersize.
         star = len(iterables) != 1  # one iterable: f(x), with no tuple made for each x
         stream = _Stream(engine, fn, star, zip(*iterables) if star else iter(iterables[0]), self._timeout,
                          lambda taken: buffersize or sys.maxsize, functools.partial(_refuse_after, self._shut))
@@ -457,8 +451,7 @@ class ProcessPoolExecutor(futures.Executor):
 
 
 def _settings(context, size, size_name, timeout, max_tasks):
-    """The settings TaskManager and ProcessPoolExecutor share, checked: (context, size, timeout, max_tasks).
-    context None means spawn everywhere, as ProcessPoolExecutor's mp_context=None does."""
+    """The settings TaskManager and ProcessPoolExecutor share, checked: (context, size, timeout, max_tasks)."""
     context = "spawn" if context is None else context
     if not isinstance(context, (str, BaseContext)):
         raise TypeError(f"context must be a start method name or a multiprocessing context, not {context!r}")
@@ -2237,14 +2230,12 @@ def _unsent_answers(journal, received):
 # ---------------------------------------------------------------------------------------------
 # Workers elsewhere: TaskManager(executor=...) on any concurrent.futures executor
 #
-# The engine sends batches (a submission costs milliseconds) to an executor, dask's say, whose
-# futures hand their outcomes to the turn. The tasks of a failed submission (a dead worker) rerun
-# alone, each blamed only if it fails so: a task may run twice, as on dask. A timed task goes
-# alone, as a timeout can't stop it. A probe first checks that the workers can import mplite and
-# a function's module: dask hangs on a task it can't unpickle.
+# The engine sends batches (a submission costs milliseconds) to an executor, dask's say, whose futures hand their
+# outcomes to the turn. The tasks of a failed submission (a dead worker) rerun alone, each blamed only if it fails
+# so: a task may run twice, as on dask. A timed task goes alone, as a timeout can't stop it. A probe first checks
+# that the workers can import mplite and a function's module: dask hangs on a task it can't unpickle.
 #
-# To delete this feature: remove this section, the `executor` argument of TaskManager (and
-# _executor_slots), and the bytes case of _outcomes.
+# To delete this feature: remove this section, TaskManager's `executor` argument and the bytes case of _outcomes.
 # ---------------------------------------------------------------------------------------------
 
 _REMOTE_BATCH_SECONDS = 0.3  # dask's overhead: 15 % at 0.1 s, 3 % at 0.3 s
@@ -2279,8 +2270,7 @@ def _import_probe(name):
 
 
 class _ExecutorBackend:
-    """The engine's backend on a foreign executor. size: submissions that may run at once (twice
-    that are in flight, so that none waits for the next)."""
+    """The backend on a foreign executor. size: submissions run at once (twice that in flight, so none waits)."""
     forked_main = None
     timeout_note = "it may still be running on the executor, which can't stop it"
 
@@ -2457,13 +2447,12 @@ def _executor_slots(executor):
 # ---------------------------------------------------------------------------------------------
 # Functions that travel by value
 #
-# A function a worker can't import (a lambda, a closure, anything typed into a notebook, a REPL
-# or `python -c`) travels by value: its code (marshal: the workers run the same Python), cells,
-# defaults and the globals its code uses, into one globals dict per namespace in each worker.
+# A function a worker can't import (a lambda, a closure, anything typed into a notebook, a REPL or `python -c`)
+# travels by value: its code (marshal: the workers run the same Python), cells, defaults and the globals it
+# uses, into one globals dict per namespace in each worker.
 #
-# To delete this feature: remove this section, and pickle with ForkingPickler.dumps where
-# _pickle is called (a message, a task, worker_init); lambdas, closures and notebook functions
-# are then refused, with the error pickle gives.
+# To delete this feature: remove this section and pickle with ForkingPickler.dumps where _pickle is called;
+# lambdas, closures and notebook functions are then refused, with pickle's error.
 # ---------------------------------------------------------------------------------------------
 
 _CURE = ("move it into a .py module next to your notebook or script and import it from there, "
@@ -2708,26 +2697,22 @@ def _function_setstate(f, state):
 # ---------------------------------------------------------------------------------------------
 # Pipes, and the portable path
 #
-# A link moves frames (see the wire) over one end of a Pipe. On POSIX, _FdLink (above) uses the
-# socket's descriptor (one system call a message, no copies), and the engine sleeps in epoll.
-# The portable path (Windows, or MPLITE_PORTABLE=1: CI runs the suite both ways on Linux) uses
-# only what multiprocessing documents and tests on Windows: _ConnLink, a frame a Connection's
-# message; _WaitSelector, connection.wait(), which takes at most 63 handles (the wake-up, a pipe
-# per worker and a starting worker's sentinel: at most 61 workers); _PortableWakeUp, a Pipe.
-# A worker's death shows on its sentinel until it is ready, then on its pipe: a Windows parent
-# holds a copy of the child's end until the child, done importing the main script, takes it
-# over, so a worker that dies before (an unguarded script, say) closes no pipe. The portable
-# path keeps that copy until then on every system. Only the engine thread runs the turn there:
-# wait() can't be shared between threads.
+# A link moves frames (see the wire) over one end of a Pipe. On POSIX, _FdLink (above) uses the socket's
+# descriptor (one system call a message, no copies), and the engine sleeps in epoll. The portable path (Windows,
+# or MPLITE_PORTABLE=1: CI runs the suite both ways on Linux) uses only what multiprocessing documents and tests
+# on Windows: _ConnLink, a frame a Connection's message; _WaitSelector, connection.wait(), which takes at most 63
+# handles (the wake-up, a pipe per worker and a starting worker's sentinel: at most 61 workers); _PortableWakeUp,
+# a Pipe. A worker's death shows on its sentinel until it is ready, then on its pipe: a Windows parent holds a
+# copy of the child's end until the child, done importing the main script, takes it over, so a worker that dies
+# before (an unguarded script, say) closes no pipe. The portable path keeps that copy until then on every system.
+# Only the engine thread runs the turn there: wait() can't be shared between threads.
 #
-# To delete the portable path (mplite then runs on POSIX only): remove this section, use
-# _FdLink, selectors.DefaultSelector and _PipeWakeUp in its place, and the _PORTABLE cases of
-# _Engine._hold_turn, _exit_fd and _Processes.
+# To delete the portable path (POSIX only then): remove this section, use _FdLink, selectors.DefaultSelector and
+# _PipeWakeUp in its place, and the _PORTABLE cases of _Engine._hold_turn, _exit_fd and _Processes.
 # ---------------------------------------------------------------------------------------------
 
 class _ConnLink:
-    """One end of a Pipe, through its Connection's messages only (a frame each, without its
-    length): runs on every system."""
+    """One end of a Pipe, through its Connection's messages only (a frame each, without its length)."""
 
     def __init__(self, conn):
         self.conn = self.waitable = conn
@@ -2749,12 +2734,10 @@ class _WaitSelector(dict):
     def register(self, obj, events, data):
         self[obj] = selectors.SelectorKey(obj, None, events, data)
 
-    def unregister(self, obj):
-        del self[obj]
-
     def select(self, timeout=None):
         return [(self[obj], selectors.EVENT_READ) for obj in wait(list(self), timeout)]
 
+    unregister = dict.__delitem__
     close = dict.clear
 
 
@@ -2813,8 +2796,7 @@ class _Failure:
         return cls(_describe(exc)[0], exc=exc, refused=refused)
 
     def exception(self, remote=False):
-        """The exception to raise in the caller, with the worker's traceback (remote: also as text in
-        __cause__, as the standard library's executor gives it)."""
+        """The exception to raise in the caller, with the worker's traceback (remote: as text in __cause__ too)."""
         exc = self.exc
         if exc is None:
             try:
@@ -2857,9 +2839,8 @@ class _RebuiltFrame(Exception):
 
 
 def _rebuild_traceback(frames):
-    """A real traceback whose frames point at the worker's files, lines and functions: each is a `raise`
-    compiled at that line of that file, in code named after the function, padded to the real line's length
-    so that tracebacks underline nothing."""
+    """A traceback whose frames point at the worker's files, lines and functions: each a `raise` compiled at that
+    line of that file, in code named after the function, padded to the real line's length (nothing underlined)."""
     tb = None
     for filename, lineno, name in reversed(frames):
         lineno = lineno or 1
@@ -2883,8 +2864,7 @@ _CRASHES = {0xC0000005: "an access violation", 0xC00000FD: "a stack overflow",
 
 
 def _exit_reason(code):
-    """How a worker process ended, in words, from its exit code on any system (None: multiprocessing
-    reaped it itself, in another thread's active_children())."""
+    """How a worker ended, in words, from its exit code, on any system (None: reaped in active_children())."""
     if code is None:
         return "ended (its exit status was collected elsewhere)"
     if code in _CRASHES:
@@ -3006,9 +2986,8 @@ def _progress_bar(total, tqdm, pbar, progress):
 
 
 class _ProgressBar:
-    """A text bar on stderr in tqdm's look: ` 45%|████▌     | 45/100 [00:02<00:03, 17.30tasks/s]`. On a
-    terminal it redraws one line in place, at most 10 times a second; elsewhere (a CI log, a file) it
-    writes whole lines: at the start, then at growing intervals, and at the end."""
+    """A text bar on stderr in tqdm's look: ` 45%|████▌     | 45/100 [00:02<00:03, 17.30tasks/s]`. On a terminal it
+    redraws one line, at most 10 times a second; in a log, whole lines: first, at growing intervals, last."""
 
     def __init__(self, total):
         self.file = sys.stderr
