@@ -2235,7 +2235,7 @@ def _unsent_answers(journal, received):
 # so: a task may run twice, as on dask. A timed task goes alone, as a timeout can't stop it. A probe first checks
 # that the workers can import mplite and a function's module: dask hangs on a task it can't unpickle.
 #
-# To delete this feature: remove this section, TaskManager's `executor` argument and the bytes case of _outcomes.
+# To delete this feature: remove this section, TaskManager's `executor` argument and the bytes case of _callable.
 # ---------------------------------------------------------------------------------------------
 
 _REMOTE_BATCH_SECONDS = 0.3  # dask's overhead: 15 % at 0.1 s, 3 % at 0.3 s
