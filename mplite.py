@@ -538,7 +538,7 @@ class _Owner:
 class _Call(_Owner):
     """One execute() call: its tasks, their results in input order, and how many are to come."""
     __slots__ = ("items", "results", "left", "timeout", "errors", "plain", "f", "key",
-                 "failure", "cancelled", "shown", "done")
+                 "failure", "kept", "cancelled", "shown", "done")
 
     def __init__(self, items, kinds, timeout, errors, f=None):
         self.items = items  # what runs next: a Task, or a TaskChain's current step
@@ -553,6 +553,7 @@ class _Call(_Owner):
             f = items[0].func
         self.f = f  # the one function of all tasks (no keywords), or None
         self.failure = None
+        self.kept = False  # a failure is kept among the results (_KEEP)
         self.cancelled = False
         self.shown = 0
         self.done = threading.Event()
@@ -575,10 +576,13 @@ class _Call(_Owner):
                 self.done.set()
 
     def deliver(self, slot, ok, value):
-        if not (ok or self.errors == _KEEP or self.cancelled):
-            if self.errors == _RAISE or value.refused:  # refused: it can't even be sent, bad input
+        if not (ok or self.cancelled):
+            if self.errors == _KEEP:
+                self.kept = True
+            elif self.errors == _RAISE or value.refused:  # refused: it can't even be sent, bad input
                 return self.abort(value)
-            value = value.text
+            else:
+                value = value.text
         self.deliver_results(slot, [value])
 
     def abort(self, failure):
@@ -678,6 +682,8 @@ class _Stream:
                 self.ahead -= len(results)
                 self.taken += len(results)
                 results.reverse()  # popped from the end: each goes as it is yielded
+                if not call.kept:  # no failure among them: no Python step a result
+                    yield from map(list.pop, repeat(results, len(results)))
                 while results:  # no local name for a result: it would outlive its yield
                     if results[-1].__class__ is _Failure:
                         yield raise_error(results.pop())
