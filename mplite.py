@@ -515,7 +515,7 @@ class _Owner:
         return _entry_task(self.items[slot])
 
     def run(self, start, stop):
-        """The tasks of slots start..stop as they travel: a run of a message (see _outcomes)."""
+        """The tasks of slots start..stop as they travel: a run of a message (see _callable)."""
         return None, False, [_entry(item) for item in self.items[start:stop]]
 
     def key_of(self, slot):
@@ -1932,17 +1932,6 @@ def _worker_main(conn, journal, lifeline, lifeline_end, init):
 # where f is None, items of (f, args, kwargs) or of bytes (a task pickled alone). A map() travels
 # as its arguments only, and a call of one function as its tasks' arguments.
 
-def _outcomes(run):
-    """The result of each task of a run as it ends, or a _Raised for its error."""
-    f, star, items = _callable(run)
-    for item in items:
-        try:
-            value = f(*item) if star else f(item)
-        except BaseException as exc:  # SystemExit too: it ends the task, not the worker
-            value = _Raised(exc)
-        yield value
-
-
 def _callable(run):
     """A run as (f, star, items) to call f(*item) or f(item) with."""
     f, star, items = run
@@ -2005,10 +1994,10 @@ class _Outbox:
         for run in runs:
             first = self.number + count  # the answers before this run's
             f, star, items = _callable(run)
-            for item in items:  # _outcomes, inline: a generator's step costs a tenth of a tiny task
+            for item in items:
                 try:
                     value = f(*item) if star else f(item)
-                except BaseException as exc:
+                except BaseException as exc:  # SystemExit too: it ends the task, not the worker
                     value = _Raised(exc)
                 cls = type(value)  # not __class__: a mock's or a proxy's may lie
                 if cls is int and in_words and low < value < high:  # most of tiny tasks' results
@@ -2162,7 +2151,7 @@ class _FdLink:
 #
 # A pipe carries frames both ways: a length (_LENGTH, u64) and that many bytes (on the portable
 # path, a Connection's message each, without the length).
-#   parent -> worker: a pickled message, (timed, runs) (see _outcomes); an empty frame asks the
+#   parent -> worker: a pickled message, (timed, runs) (see _callable); an empty frame asks the
 #       worker to exit.
 #   worker -> parent: answers. _HEADER: count (u32), form (u8), spent (f64: seconds per task of
 #       the message the frame ends, else -1); then by form:
@@ -2254,11 +2243,13 @@ def _run_remote(token, runs):
     started = _now()
     results, failures = [], {}
     for run in runs:
-        for value in _outcomes(run):
-            if value.__class__ is _Raised:
-                failures[len(results)] = _describe(value.exc)
-                value = None
-            results.append(value)
+        f, star, items = _callable(run)
+        for item in items:
+            try:
+                results.append(f(*item) if star else f(item))
+            except BaseException as exc:  # SystemExit too: it ends the task, not the worker
+                failures[len(results)] = _describe(exc)
+                results.append(None)
     return results, failures, (_now() - started) / max(1, len(results))
 
 
