@@ -1963,8 +1963,8 @@ class _Raised:
 
 
 class _Outbox:
-    """A worker's answers, kept in its journal until a flush sends them in one write (an
-    _ENTRIES frame is the journal's layout) and empties it."""
+    """A worker's answers, kept in its journal until a flush sends them in one write (a frame
+    has the journal's layout: see the wire) and empties it."""
 
     def __init__(self, link, journal):
         mem = memoryview(journal.buffer)
