@@ -508,7 +508,7 @@ class _Owner:
     plain = False      # results go straight in: deliver_results()
     cancelled = False  # it wants no more results
     key = None         # the timing key of all its tasks, if one
-    streaming = False  # a stream's chunk whose input goes on: the queue's end is not the work's
+    streaming = False  # a stream's chunk whose input may go on: the queue's end is not the work's
 
     def task(self, slot):
         """The Task that runs next for a slot (errors name it)."""
@@ -644,7 +644,7 @@ class _Stream:
         while self.error is None and self.inputs is not None and self.ahead < window:
             # Chunks double from one task up to a quarter of the window (_STREAM_CHUNK at most): the
             # first results come soon, and a consumer that stops early leaves little run for nothing.
-            # Only whole chunks: a gap filled as it opens would shrink them, a taken chunk at a time.
+            # Only whole chunks: filling each gap as it opens would keep chunks as small as the last taken.
             size = min(max(1, window // 4), _STREAM_CHUNK, max(1, self.taken + self.ahead))
             if window - self.ahead < size:
                 break
@@ -655,6 +655,9 @@ class _Stream:
                 self.error = exc
             if not chunk:
                 self.inputs = None
+                # The input ended with the last chunk: its queue's end is the work's.
+                if self.calls:
+                    self.calls[-1].streaming = False
                 break
             self.may_send()
             call = _Mapped(chunk, self.timeout, _KEEP, self.f, self.star, len(chunk) == size)
@@ -684,6 +687,7 @@ class _Stream:
                 results.reverse()  # popped from the end: each goes as it is yielded
                 if not call.kept:  # no failure among them: no Python step a result
                     yield from map(list.pop, repeat(results, len(results)))
+                    continue
                 while results:  # no local name for a result: it would outlive its yield
                     if results[-1].__class__ is _Failure:
                         yield raise_error(results.pop())
@@ -1214,9 +1218,10 @@ class _Engine:
     def take_batch(self, seconds, most, free, timed_alone=False):
         """The next message (None: nothing waits): queued tasks of one function, as many as make
         `seconds` of work as measured (at most `most`; one while not measured), fewer near the
-        queue's end, so the last tasks spread over the workers. free: the workers free now, this
-        one included, each due an equal share of the queue (a few tiny tasks go one to each, not
-        all to one). timed_alone: timed tasks go alone."""
+        queue's end, so the last tasks spread over the workers (not where a stream's input goes
+        on: its queue is always short). free: the workers free now, this one included, each due
+        an equal share of the queue (a few tiny tasks go one to each, not all to one; streams
+        too). timed_alone: timed tasks go alone."""
         pending, jobs, count, timed = self.pending_work_items, [], 0, False
         while pending:
             job = pending[0]
@@ -1680,7 +1685,7 @@ class _Processes:
         if form == _LISTED:
             self.engine.deliver(w.messages[0], marshal.loads(memoryview(frame)[_HEADER.size:]))
         elif form == _WORDS:
-            self.engine.deliver(w.messages[0], struct.unpack_from(f"<{count}q", frame, _HEADER.size))
+            self.engine.deliver(w.messages[0], struct.unpack_from(f"={count}q", frame, _HEADER.size))
         else:
             words, blobs = _entries(frame, _HEADER.size, count, _HEADER.size + 8 * count)
             values = None
@@ -1981,7 +1986,8 @@ class _Outbox:
         """Run a message's n tasks, journal each answer, send them all (and some on the way)."""
         words, data = self.words.cast("q"), self.data
         dumps, scalar, scalars, put_float = pickle.dumps, marshal.dumps, _SCALARS, _MARSHAL_F64.pack_into
-        low, high = _UNWRITTEN, 1 << 63  # local names: read millions of times a second
+        # Local names: they are read millions of times a second.
+        low, high = _UNWRITTEN, 1 << 63
         # The journal's room, and the clock, are looked at every _LOOK tasks: a float takes 9
         # bytes, so after a look that left room for _LOOK of those, it goes in unchecked (an
         # answer of another kind checks the room for itself).
@@ -2008,7 +2014,7 @@ class _Outbox:
                         if count:
                             self.flush(count, end)
                             count, look_at = 0, step
-                        self._mark(ints=False)
+                        self._mark(ints=False)  # only now: the head says what the words are
                     if cls is float:
                         put_float(data, end, b"g", value)  # marshal's own bytes for it, in place
                         end += 9
@@ -2056,7 +2062,7 @@ class _Outbox:
     def flush(self, count, end, spent=-1.0):
         """Send the journal's answers, in the form the parent reads fastest (see the wire)."""
         if count or spent >= 0:
-            kinds = b"" if self.ints else self.words[:8 * count:8].tobytes().translate(_KIND_OF_BYTE)
+            kinds = b"" if self.ints else self.words[_LOW:8 * count:8].tobytes().translate(_KIND_OF_BYTE)
             if count and kinds and not kinds.strip(_SCALAR_KINDS):
                 self.link.write([_frame_head(_LISTED, count, _MARSHAL_LIST.size + end, spent),
                                  _MARSHAL_LIST.pack(b"[", count), self.data[:end]])
@@ -2070,7 +2076,7 @@ class _Outbox:
     def send_alone(self, kind, blob):
         """One answer, straight down the pipe: too large for the journal, or not a task's."""
         self.link.write([_frame_head(_PICKLED if kind == _DONE else _ENTRIES, 1, 8 + len(blob)),
-                         _LENGTH.pack(len(blob) << 3 | kind), blob])
+                         struct.pack("=Q", len(blob) << 3 | kind), blob])
         self._sent(1)
 
     def _sent(self, count):
@@ -2078,7 +2084,8 @@ class _Outbox:
         self._mark()
 
     def _mark(self, ints=None):
-        """Write the journal's head (see the wire); ints: what its words are from now on."""
+        """Write the journal's head (see the wire); ints: what its words are from now on, said only
+        while there are none (a dead worker's words are read as the head says)."""
         self.ints = self.ints if ints is None else ints
         _JOURNAL_HEAD.pack_into(self.head, 0, self.number, self.messages, self.ints)
 
@@ -2150,12 +2157,13 @@ class _FdLink:
 # -- the wire: the one description of its bytes -----------------------------------------------------
 #
 # A pipe carries frames both ways: a length (_LENGTH, u64) and that many bytes (on the portable
-# path, a Connection's message each, without the length).
+# path, a Connection's message each, without the length). Numbers are little-endian, but for
+# entry words, in the machine's order: the worker writes them in place.
 #   parent -> worker: a pickled message, (timed, runs) (see _callable); an empty frame asks the
 #       worker to exit.
 #   worker -> parent: answers. _HEADER: count (u32), form (u8), spent (f64: seconds per task of
 #       the message the frame ends, else -1); then by form:
-#       _ENTRIES  count entry words (i64: end << 3 | kind, end counted from the first entry's
+#       _ENTRIES  count entry words (u64: end << 3 | kind, end counted from the first entry's
 #                 bytes), then the entries' bytes, back to back
 #       _PICKLED  the same, where every entry is a _DONE result: unpickled with no Python loop
 #       _LISTED   _MARSHAL_LIST, then the entries' bytes: all _SCALAR, so marshal reads them as a list
@@ -2180,6 +2188,7 @@ _ANSWER_KINDS = (_DONE, _SCALAR, _FAILED, _INT)
 # The exact types marshal keeps as they are: a _SCALAR answer is marshalled as its task ends.
 _SCALARS = frozenset({int, float, complex, bool, str, bytes, type(None)})
 _KIND_OF_BYTE = bytes(b & 7 for b in range(256))  # an entry's kind, from its word's low byte
+_LOW = 0 if sys.byteorder == "little" else 7  # where that byte is in a word
 _SCALAR_KINDS, _DONE_KINDS = bytes([_SCALAR]), bytes([_DONE])  # an entry's kind, as a byte
 # marshal's bytes (version 2) for a list's head, "[" and its length; for a float, "g" and it
 _MARSHAL_LIST, _MARSHAL_F64 = struct.Struct("<ci"), struct.Struct("<cd")
@@ -2187,7 +2196,7 @@ _LOOK = 8  # see _Outbox.run
 _JOURNAL_HEAD = struct.Struct("<QQQ")
 _JOURNAL_ENTRIES = 4096
 _UNWRITTEN = -1 << 63  # a word no answer has: no int answer is this small
-_UNWRITTEN_WORDS = memoryview(struct.pack("<q", _UNWRITTEN) * _JOURNAL_ENTRIES)
+_UNWRITTEN_WORDS = memoryview(struct.pack("=q", _UNWRITTEN) * _JOURNAL_ENTRIES)
 _JOURNAL_DATA = _JOURNAL_HEAD.size + 8 * _JOURNAL_ENTRIES
 _JOURNAL_SIZE = _JOURNAL_DATA + (1 << 20)
 _FLUSH_SECONDS = 0.02  # a long message's answers are sent this often
@@ -2200,7 +2209,7 @@ def _frame_head(form, count, size, spent=-1.0):
 
 def _entries(buf, words_at, count, data_at):
     """(words, blobs) of `count` entries: their words at words_at, their bytes from data_at."""
-    words = struct.unpack_from(f"<{count}Q", buf, words_at)
+    words = struct.unpack_from(f"={count}Q", buf, words_at)
     stops = list(map(add, map(rshift, words, repeat(3)), repeat(data_at)))  # no Python loop
     view = memoryview(buf)
     return words, list(map(view.__getitem__, map(slice, [data_at] + stops[:-1], stops)))
