@@ -5303,7 +5303,7 @@ def filler(i):
     """A result for a journal of 1 MB: mostly small ints and floats, some large, one too large for it."""
     if i == 1500:
         return b"L" * (2 << 20)  # larger than the journal: it goes on its own
-    if i % 1000 == 500:  # marshalled, 20 bytes short of the journal's end: no room for 8 ints after it
+    if i % 1000 == 500:  # marshalled, 20 bytes short of the journal's end: no room for 8 floats after it
         return b"E" * (mplite._JOURNAL_SIZE - mplite._JOURNAL_DATA - 25)
     if i % 20 == 7:
         return bytes([i % 256]) * (100 << 10)  # ten of these fill it
